@@ -1,0 +1,606 @@
+"""One typed config tree for the whole pipeline.
+
+Every stage reads its own section; `jobs/` load it once with `load_config(path, overrides)` and pass it
+down. Each field carries help text (shown by `kard-ray config --help-fields`); ranges are checked in
+`__post_init__`, so a bad value fails when the config is loaded, not an hour into a run.
+
+    cfg = load_config("configs/demo.yaml", ["student.lr=3e-4", "run_dir=/tmp/run"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def _f(default: Any, help: str, **kw) -> Any:
+    """A dataclass field with help text; mutable defaults are wrapped in a factory."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: _copy(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _copy(value):
+    import copy
+
+    return copy.deepcopy(value)
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+# ----------------------------------------------------------------------------------------------
+# data
+
+
+@dataclass
+class SyntheticConfig:
+    n_train_entities: int = _f(240, "Fictional entities whose questions are used for training.")
+    n_test_entities: int = _f(60, "Entities held out for testing: never seen in training, so only retrieval answers them.")
+    n_attributes: int = _f(4, "Attributes (facts) per entity; one question is asked per attribute.", )
+    n_options: int = _f(4, "Options per multiple-choice question.")
+    rationales_per_question: int = _f(3, "Teacher-style rationales written per training question.")
+    wrong_rationale_rate: float = _f(0.1, "Share of rationales that argue for a wrong option (the filter must drop them).")
+    distractors_per_entity: int = _f(1, "Distractor passages per entity that share its words but state other facts.")
+    seed: int = _f(13, "Seed: the same seed gives the same task, byte for byte.")
+
+    def __post_init__(self):
+        _check(self.n_train_entities >= 1, "data.synthetic.n_train_entities", "must be >= 1")
+        _check(self.n_test_entities >= 1, "data.synthetic.n_test_entities", "must be >= 1")
+        _check(1 <= self.n_attributes <= 6, "data.synthetic.n_attributes", "must be in [1, 6]")
+        _check(2 <= self.n_options <= 6, "data.synthetic.n_options", "must be in [2, 6]")
+        _check(self.rationales_per_question >= 1, "data.synthetic.rationales_per_question", "must be >= 1")
+        _check(0.0 <= self.wrong_rationale_rate < 1.0, "data.synthetic.wrong_rationale_rate", "must be in [0, 1)")
+        _check(self.distractors_per_entity >= 0, "data.synthetic.distractors_per_entity", "must be >= 0")
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["synthetic", "strategyqa", "medqa", "obqa", "generic"] = _f(
+        "synthetic", "Which task: picks the prompt templates and, for `synthetic`, generates the data.")
+    format: Literal["auto", "kard", "medqa", "obqa", "strategyqa", "generic"] = _f(
+        "auto", "Input question format; `auto` detects it from the first valid row.")
+    train_path: Optional[str] = _f(None, "Training questions (JSONL, .jsonl.gz, JSON or parquet; local path or URI).")
+    test_path: Optional[str] = _f(None, "Test questions, same formats.")
+    max_train_questions: Optional[int] = _f(None, "Use only the first N training questions (smoke runs).")
+    max_test_questions: Optional[int] = _f(None, "Use only the first N test questions.")
+    max_rejected_fraction: float = _f(0.01, "Fail the stage when more than this share of input rows is rejected.")
+    synthetic: SyntheticConfig = _f(SyntheticConfig(), "The synthetic knowledge-intensive task (offline demo).")
+
+    def __post_init__(self):
+        _check(0.0 <= self.max_rejected_fraction <= 1.0, "data.max_rejected_fraction", "must be in [0, 1]")
+        for k in ("max_train_questions", "max_test_questions"):
+            v = getattr(self, k)
+            _check(v is None or v >= 1, f"data.{k}", "must be >= 1 or null")
+        if self.dataset != "synthetic":
+            _check(self.train_path is not None, "data.train_path", f"required for dataset={self.dataset!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# knowledge
+
+
+@dataclass
+class BM25Config:
+    k1: float = _f(1.5, "BM25 term-frequency saturation.")
+    b: float = _f(0.75, "BM25 length normalisation.")
+    method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = _f("lucene", "bm25s scoring variant (Lucene matches the paper's Pyserini).")
+    stopwords: Optional[str] = _f("en", "Stopword list passed to bm25s (`en`) or null for none.")
+    stemmer: Optional[str] = _f(None, "Snowball stemmer language (needs PyStemmer), e.g. `english`; null for none.")
+    token_pattern: str = _f(r"(?u)\b\w+\b", "Token regex; keeps one-character tokens such as `5` or `B`.")
+
+    def __post_init__(self):
+        _check(self.k1 >= 0, "knowledge.bm25.k1", "must be >= 0")
+        _check(0.0 <= self.b <= 1.0, "knowledge.bm25.b", "must be in [0, 1]")
+
+
+@dataclass
+class DenseConfig:
+    encoder: Optional[str] = _f(None, "HF encoder name or path for dense retrieval; `tiny` builds one locally.")
+    pooling: Literal["mean", "cls"] = _f("mean", "How token states become one vector.")
+    max_length: int = _f(256, "Encoder input tokens (longer passages are truncated).")
+    batch_size: int = _f(64, "Passages per embedding batch.")
+    num_actors: int = _f(1, "Embedding actors in the Ray Data pool.")
+    num_cpus_per_actor: float = _f(1.0, "CPUs each embedding actor reserves (fractional leaves room for reads).")
+    num_gpus_per_actor: float = _f(0.0, "GPUs each embedding actor reserves.")
+    index_type: Literal["flat", "ivfpq", "hnsw"] = _f("flat", "faiss index: exact inner product, IVF-PQ or HNSW.")
+    nlist: int = _f(1024, "IVF lists (ivfpq).")
+    pq_m: int = _f(16, "PQ sub-quantisers (ivfpq); must divide the embedding size.")
+    hnsw_m: int = _f(32, "HNSW neighbours per node.")
+    nprobe: int = _f(16, "IVF lists probed per query.")
+    use_gpu_index: bool = _f(False, "Move the faiss index to GPU when faiss-gpu and a GPU are present.")
+
+    def __post_init__(self):
+        for k in ("max_length", "batch_size", "num_actors", "nlist", "pq_m", "hnsw_m", "nprobe"):
+            _check(getattr(self, k) >= 1, f"knowledge.dense.{k}", "must be >= 1")
+        _check(self.num_cpus_per_actor >= 0 and self.num_gpus_per_actor >= 0, "knowledge.dense.num_*_per_actor", "must be >= 0")
+
+
+@dataclass
+class KnowledgeConfig:
+    corpus_paths: list[str] = _f([], "Corpus files or directories (JSONL, .gz, parquet; local or URI). Empty for the synthetic task.")
+    words_per_passage: int = _f(100, "Split documents into passages of this many words.")
+    overlap_words: int = _f(0, "Words shared by consecutive passages of one document.")
+    dedup: bool = _f(True, "Drop passages whose text exactly repeats an earlier one.")
+    retriever: Literal["bm25", "dense", "hybrid"] = _f("bm25", "Retriever used for grounding and inference.")
+    rrf_k: int = _f(60, "Reciprocal-rank-fusion constant for the hybrid retriever.")
+    bm25: BM25Config = _f(BM25Config(), "BM25 settings.")
+    dense: DenseConfig = _f(DenseConfig(), "Dense retrieval settings.")
+    retrieval_actors: int = _f(1, "Actors in batch retrieval stages (each loads the index once).")
+    retrieval_batch_size: int = _f(256, "Queries per batch retrieval call.")
+    num_cpus_per_retrieval_actor: float = _f(0.5, "CPUs each retrieval actor reserves.")
+
+    def __post_init__(self):
+        _check(self.words_per_passage >= 8, "knowledge.words_per_passage", "must be >= 8")
+        _check(0 <= self.overlap_words < self.words_per_passage, "knowledge.overlap_words", "must be in [0, words_per_passage)")
+        _check(self.rrf_k >= 1, "knowledge.rrf_k", "must be >= 1")
+        _check(self.retrieval_actors >= 1, "knowledge.retrieval_actors", "must be >= 1")
+        _check(self.retrieval_batch_size >= 1, "knowledge.retrieval_batch_size", "must be >= 1")
+        if self.retriever != "bm25":
+            _check(self.dense.encoder is not None, "knowledge.dense.encoder", f"required for retriever={self.retriever!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# teacher
+
+
+@dataclass
+class OpenAIBackendConfig:
+    base_url: str = _f("https://api.openai.com/v1", "Chat-completions endpoint base URL (OpenAI, vLLM server, Ray Serve LLM).")
+    api_key_env: Optional[str] = _f("OPENAI_API_KEY", "Environment variable holding the API key (never logged or written).")
+    requests_per_second: float = _f(5.0, "Upper bound on requests per second across the stage.")
+    max_concurrency: int = _f(8, "Requests in flight at once.")
+    max_retries: int = _f(6, "Retries per row on 429, 5xx and timeouts (exponential backoff).")
+    backoff_s: float = _f(1.0, "First backoff; doubles each retry, with jitter.")
+    timeout_s: float = _f(60.0, "Per-request timeout.")
+
+    def __post_init__(self):
+        _check(self.requests_per_second > 0, "teacher.openai.requests_per_second", "must be > 0")
+        _check(self.max_concurrency >= 1, "teacher.openai.max_concurrency", "must be >= 1")
+        _check(self.max_retries >= 0, "teacher.openai.max_retries", "must be >= 0")
+        _check(self.timeout_s > 0, "teacher.openai.timeout_s", "must be > 0")
+
+
+@dataclass
+class VLLMBackendConfig:
+    tensor_parallel_size: int = _f(1, "GPUs per vLLM engine.")
+    concurrency: int = _f(1, "vLLM engine replicas.")
+    batch_size: int = _f(64, "Rows per engine batch.")
+    max_model_len: int = _f(4096, "Context length given to the engine.")
+
+    def __post_init__(self):
+        for k in ("tensor_parallel_size", "concurrency", "batch_size", "max_model_len"):
+            _check(getattr(self, k) >= 1, f"teacher.vllm.{k}", "must be >= 1")
+
+
+@dataclass
+class HFBackendConfig:
+    num_actors: int = _f(1, "Generation actors.")
+    num_cpus_per_actor: float = _f(1.0, "CPUs per actor.")
+    num_gpus_per_actor: float = _f(0.0, "GPUs per actor.")
+    batch_size: int = _f(8, "Questions per generate() call.")
+
+    def __post_init__(self):
+        _check(self.num_actors >= 1 and self.batch_size >= 1, "teacher.hf", "num_actors and batch_size must be >= 1")
+
+
+@dataclass
+class TeacherConfig:
+    backend: Literal["import", "openai", "vllm", "hf", "synthetic"] = _f(
+        "synthetic", "Where rationales come from: imported files, an OpenAI-compatible API, vLLM on Ray Data, a local HF model, or the synthetic task's own teacher.")
+    model: Optional[str] = _f(None, "Teacher model id or path (openai/vllm/hf).")
+    import_path: Optional[str] = _f(None, "For backend=import: raw chat.completion JSONL(.gz) or JSONL {id, rationales}.")
+    n_samples: int = _f(10, "Rationales sampled per question.")
+    temperature: float = _f(1.0, "Sampling temperature.")
+    max_tokens: int = _f(256, "Max new tokens per rationale.")
+    few_shot_path: Optional[str] = _f(None, "JSONL of few-shot examples {question, options, answer, rationale}; default: built-in per dataset.")
+    n_few_shot: int = _f(0, "Few-shot examples placed in each prompt.")
+    filter: Literal["parse", "verifier", "none"] = _f("parse", "Keep rationales whose parsed answer is gold (`parse`), scored by a verifier model, or all.")
+    verifier_model: Optional[str] = _f(None, "Seq2seq verifier (name or path) used when filter=verifier or for unparsed rationales.")
+    openai: OpenAIBackendConfig = _f(OpenAIBackendConfig(), "OpenAI-compatible backend.")
+    vllm: VLLMBackendConfig = _f(VLLMBackendConfig(), "vLLM backend.")
+    hf: HFBackendConfig = _f(HFBackendConfig(), "Local transformers backend.")
+
+    def __post_init__(self):
+        _check(self.n_samples >= 1, "teacher.n_samples", "must be >= 1")
+        _check(self.temperature >= 0, "teacher.temperature", "must be >= 0")
+        _check(self.max_tokens >= 1, "teacher.max_tokens", "must be >= 1")
+        _check(self.n_few_shot >= 0, "teacher.n_few_shot", "must be >= 0")
+        if self.backend == "import":
+            _check(self.import_path is not None, "teacher.import_path", "required for backend=import")
+        if self.backend in ("openai", "vllm", "hf"):
+            _check(self.model is not None, "teacher.model", f"required for backend={self.backend!r}")
+        if self.filter == "verifier":
+            _check(self.verifier_model is not None, "teacher.verifier_model", "required for filter=verifier")
+
+
+# ----------------------------------------------------------------------------------------------
+# training (shared by student and reranker)
+
+
+@dataclass
+class TinyModelConfig:
+    """Sizes for a model built from scratch (the offline demo); used when `model: tiny`."""
+
+    d_model: int = _f(128, "Hidden size.")
+    n_layers: int = _f(2, "Layers (encoder and decoder each, for T5).")
+    n_heads: int = _f(4, "Attention heads.")
+    d_ff: int = _f(512, "Feed-forward size.")
+    vocab_size: int = _f(2000, "BPE vocabulary trained on the task's corpus and questions.")
+
+    def __post_init__(self):
+        for k in ("d_model", "n_layers", "n_heads", "d_ff", "vocab_size"):
+            _check(getattr(self, k) >= 1, f"tiny.{k}", "must be >= 1")
+        _check(self.d_model % self.n_heads == 0, "tiny.d_model", "must be divisible by n_heads")
+
+
+@dataclass
+class TrainingConfig:
+    strategy: Literal["ddp", "deepspeed"] = _f("ddp", "Distributed strategy: DDP (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO.")
+    zero_stage: int = _f(2, "DeepSpeed ZeRO stage (0-3).")
+    num_workers: int = _f(1, "Ray Train workers (0 runs the loop in the driver process).")
+    use_gpu: bool = _f(False, "One GPU per worker.")
+    cpus_per_worker: float = _f(1.0, "CPUs each training worker reserves.")
+    epochs: int = _f(3, "Passes over the training examples (ignored when max_steps is set).")
+    max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps.")
+    batch_size: int = _f(8, "Examples per worker per micro-batch.")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step.")
+    lr: float = _f(1e-4, "Peak learning rate (AdamW).")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    schedule: Literal["constant", "linear"] = _f("constant", "Constant, or linear warmup then linear decay.")
+    warmup_steps: int = _f(0, "Warmup steps (linear schedule).")
+    max_grad_norm: Optional[float] = _f(1.0, "Clip gradients to this norm; null disables.")
+    bf16: bool = _f(True, "bf16 autocast (used only on GPU).")
+    gradient_checkpointing: bool = _f(False, "Trade compute for memory.")
+    checkpoint_every_steps: int = _f(0, "Report a checkpoint every N steps (0: only at epoch end).")
+    keep_checkpoints: int = _f(2, "Keep the last K checkpoints.")
+    max_failures: int = _f(1, "Worker-group restarts before the run fails; each resumes from the last checkpoint.")
+    log_every_steps: int = _f(10, "Progress line and metrics every N steps.")
+
+    def _check_training(self, section: str) -> None:
+        _check(0 <= self.zero_stage <= 3, f"{section}.zero_stage", "must be in [0, 3]")
+        _check(self.num_workers >= 0, f"{section}.num_workers", "must be >= 0")
+        _check(self.epochs >= 1, f"{section}.epochs", "must be >= 1")
+        _check(self.max_steps is None or self.max_steps >= 1, f"{section}.max_steps", "must be >= 1 or null")
+        _check(self.batch_size >= 1, f"{section}.batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, f"{section}.grad_accum", "must be >= 1")
+        _check(self.lr > 0, f"{section}.lr", "must be > 0")
+        _check(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
+        _check(self.warmup_steps >= 0, f"{section}.warmup_steps", "must be >= 0")
+        _check(self.max_grad_norm is None or self.max_grad_norm > 0, f"{section}.max_grad_norm", "must be > 0 or null")
+        _check(self.checkpoint_every_steps >= 0, f"{section}.checkpoint_every_steps", "must be >= 0")
+        _check(self.keep_checkpoints >= 1, f"{section}.keep_checkpoints", "must be >= 1")
+        _check(self.max_failures >= 0, f"{section}.max_failures", "must be >= 0")
+        _check(self.log_every_steps >= 1, f"{section}.log_every_steps", "must be >= 1")
+
+
+@dataclass
+class StudentConfig(TrainingConfig):
+    model: str = _f("tiny", "Seq2seq student: HF name or path (e.g. google/flan-t5-base), or `tiny` to build a small T5 locally.")
+    tiny: TinyModelConfig = _f(TinyModelConfig(), "Sizes when model=tiny.")
+    n_knowledge: int = _f(1, "Passages retrieved with the rationale and attached to each training example.")
+    max_source_length: int = _f(512, "Source tokens (question + options + knowledge); longer is truncated.")
+    max_target_length: Optional[int] = _f(None, "Target tokens; null = never truncated.")
+    max_rationales_per_question: Optional[int] = _f(None, "Use at most this many kept rationales per question.")
+
+    def __post_init__(self):
+        self._check_training("student")
+        _check(self.n_knowledge >= 1, "student.n_knowledge", "must be >= 1")
+        _check(self.max_source_length >= 16, "student.max_source_length", "must be >= 16")
+        _check(self.max_target_length is None or self.max_target_length >= 4, "student.max_target_length", "must be >= 4 or null")
+
+
+@dataclass
+class RerankerConfig(TrainingConfig):
+    model: str = _f("tiny", "HF encoder name or path (e.g. michiyasunaga/LinkBERT-base), or `tiny` to build a small BERT locally.")
+    tiny: TinyModelConfig = _f(TinyModelConfig(), "Sizes when model=tiny.")
+    architecture: Literal["cross_encoder", "late_interaction"] = _f("cross_encoder", "One logit per (question, passage) pair, or ColBERT-style MaxSim.")
+    colbert_dim: int = _f(128, "Late interaction: size of the compressed token vectors.")
+    loss: Literal["kl", "ce"] = _f("kl", "KL to softmax(silver/tau) (the paper) or cross-entropy to the best candidate (the authors' code).")
+    tau_silver: float = _f(1.0, "Temperature applied to silver (BM25) scores in the KL target.")
+    tau_model: float = _f(1.0, "Temperature applied to model scores; annealed toward tau_min when tau_anneal is set.")
+    tau_anneal: bool = _f(False, "Anneal tau_model linearly to tau_min over training (never below it).")
+    tau_min: float = _f(0.1, "Floor of the annealed temperature (positive).")
+    candidates_k: int = _f(32, "BM25 top-K mined by the rationale and by the question.")
+    n_from_rationale: int = _f(4, "Candidates sampled per step from the rationale's top-K.")
+    n_from_question: int = _f(4, "Candidates sampled per step from the question's top-K.")
+    max_length: int = _f(256, "Tokens per (question, passage) input.")
+    max_query_length: int = _f(64, "Late interaction: query tokens.")
+    k_star: int = _f(100, "Inference: BM25 candidates handed to the reranker.")
+    eval_questions: Optional[int] = _f(None, "Held-out questions for the Hits@k report (null: all test questions).")
+    num_actors: int = _f(1, "Batch reranking actors.")
+    num_cpus_per_actor: float = _f(0.5, "CPUs each reranking actor reserves.")
+
+    def __post_init__(self):
+        self._check_training("reranker")
+        _check(self.tau_silver > 0 and self.tau_model > 0, "reranker.tau_*", "temperatures must be > 0")
+        _check(self.tau_min > 0, "reranker.tau_min", "must be > 0 (the authors' schedule went negative)")
+        _check(self.candidates_k >= 1, "reranker.candidates_k", "must be >= 1")
+        _check(self.n_from_rationale >= 0 and self.n_from_question >= 0, "reranker.n_from_*", "must be >= 0")
+        _check(self.n_from_rationale + self.n_from_question >= 2, "reranker.n_from_*", "need at least 2 candidates per step")
+        _check(self.k_star >= 1, "reranker.k_star", "must be >= 1")
+        _check(self.colbert_dim >= 1, "reranker.colbert_dim", "must be >= 1")
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation and serving
+
+
+@dataclass
+class EvalConfig:
+    decoding: Literal["greedy", "sample"] = _f("greedy", "Greedy decoding, or sampling with self-consistency.")
+    n_votes: int = _f(5, "Samples per question for self-consistency (decoding=sample).")
+    temperature: float = _f(0.7, "Sampling temperature (decoding=sample).")
+    max_new_tokens: int = _f(128, "Tokens generated per rationale.")
+    k: int = _f(1, "Passages given to the student at inference.")
+    batch_size: int = _f(16, "Questions per generate() call.")
+    num_actors: int = _f(1, "Actors holding the student.")
+    num_cpus_per_actor: float = _f(1.0, "CPUs each student actor reserves.")
+    num_gpus_per_actor: float = _f(0.0, "GPUs each student actor reserves.")
+    score_by: Literal["letter", "text", "letter_or_text"] = _f(
+        "letter_or_text", "How a prediction is read: the stated letter, the option text named last, or the letter then text.")
+    oracle: bool = _f(True, "Also evaluate retrieval by a test-time teacher rationale when one exists.")
+
+    def __post_init__(self):
+        _check(self.n_votes >= 1, "eval.n_votes", "must be >= 1")
+        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.k >= 1, "eval.k", "must be >= 1")
+        _check(self.batch_size >= 1 and self.num_actors >= 1, "eval", "batch_size and num_actors must be >= 1")
+
+
+@dataclass
+class AutoscalingConfig:
+    min_replicas: int = _f(1, "Fewest replicas.")
+    max_replicas: int = _f(1, "Most replicas.")
+    target_ongoing_requests: float = _f(4.0, "Requests per replica the autoscaler aims for.")
+
+    def __post_init__(self):
+        _check(0 <= self.min_replicas <= self.max_replicas, "serve.*.autoscaling", "need 0 <= min_replicas <= max_replicas")
+        _check(self.max_replicas >= 1 and self.target_ongoing_requests > 0, "serve.*.autoscaling", "max_replicas >= 1, target > 0")
+
+
+@dataclass
+class ServeConfig:
+    host: str = _f("127.0.0.1", "HTTP host.")
+    port: int = _f(8000, "HTTP port.")
+    route_prefix: str = _f("/", "Route prefix of the application.")
+    max_body_bytes: int = _f(64 * 1024, "Requests with a larger body are answered 413.")
+    request_timeout_s: float = _f(30.0, "Per-request budget; exceeded -> 504.")
+    max_options: int = _f(8, "Most options a question may have.")
+    max_question_chars: int = _f(4000, "Longest question accepted.")
+    max_batch_size: int = _f(8, "Generator dynamic batch size.")
+    batch_wait_timeout_s: float = _f(0.01, "How long the generator waits to fill a batch.")
+    generator_num_gpus: float = _f(0.0, "GPUs per generator replica.")
+    num_cpus_per_replica: float = _f(0.25, "CPUs each replica reserves (fractional so small machines fit the graph).")
+    retriever: AutoscalingConfig = _f(AutoscalingConfig(), "Retriever replicas.")
+    reranker: AutoscalingConfig = _f(AutoscalingConfig(), "Reranker replicas.")
+    generator: AutoscalingConfig = _f(AutoscalingConfig(), "Generator replicas.")
+    ingress: AutoscalingConfig = _f(AutoscalingConfig(), "Ingress replicas.")
+
+    def __post_init__(self):
+        _check(1 <= self.port <= 65535, "serve.port", "must be a TCP port")
+        _check(self.max_body_bytes >= 256, "serve.max_body_bytes", "must be >= 256")
+        _check(self.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0")
+        _check(self.max_options >= 2, "serve.max_options", "must be >= 2")
+        _check(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
+
+
+@dataclass
+class ResourcesConfig:
+    address: Optional[str] = _f(None, "Ray address; null = `ray.init()` (joins the job's cluster, else starts a local one).")
+    num_cpus: Optional[int] = _f(None, "Logical CPUs of a locally started Ray (more than cores avoids Ray Data actor-pool starvation).")
+    storage_path: Optional[str] = _f(None, "Ray Train storage (checkpoints); default: <run_dir>/checkpoints. Must be shared on multi-node clusters.")
+
+    def __post_init__(self):
+        _check(self.num_cpus is None or self.num_cpus >= 1, "resources.num_cpus", "must be >= 1 or null")
+
+
+METHODS = ("ft", "rd", "kard_bm25", "kard_reranker")
+
+
+@dataclass
+class KardConfig:
+    run_dir: str = _f("runs/demo", "Run directory: local path or pyarrow filesystem URI (s3://, gs://).")
+    seed: int = _f(0, "Global seed.")
+    methods: list[str] = _f(list(METHODS), "Methods trained and evaluated side by side: ft, rd, kard_bm25, kard_reranker.")
+    data: DataConfig = _f(DataConfig(), "Questions.")
+    knowledge: KnowledgeConfig = _f(KnowledgeConfig(), "Corpus, passages, indexes, retrieval.")
+    teacher: TeacherConfig = _f(TeacherConfig(), "Teacher rationale generation and filtering.")
+    student: StudentConfig = _f(StudentConfig(), "Student distillation.")
+    reranker: RerankerConfig = _f(RerankerConfig(), "Reranker distillation.")
+    eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
+    serve: ServeConfig = _f(ServeConfig(), "Ray Serve application.")
+    resources: ResourcesConfig = _f(ResourcesConfig(), "Ray cluster and storage.")
+
+    def __post_init__(self):
+        _check(len(self.methods) >= 1, "methods", "name at least one method")
+        for m in self.methods:
+            close = difflib.get_close_matches(m, METHODS, n=1)
+            _check(m in METHODS, "methods", f"unknown method {m!r}" + (f"; did you mean {close[0]!r}?" if close else f"; choose from {METHODS}"))
+
+    # -- helpers ---------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def __str__(self) -> str:  # print(cfg) shows the resolved tree as YAML
+        return self.to_yaml()
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of some sections (the pipeline's stage fingerprints)."""
+        d = self.to_dict()
+        blob = json.dumps({s: _dotted_get(d, s) for s in sections}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+
+
+def _dotted_get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; convert int->float; build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: cannot be null")
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping (section {tp.__name__}), got {type(value).__name__} {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{key}: unsupported type {_type_name(tp)}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else f"; valid keys: {names}"
+            raise ConfigError(f"unknown config key {key!r}{hint}")
+        kwargs[k] = _coerce(v, hints[k], key)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix or 'config'}: {e}") from e
+
+
+def _set_dotted(d: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        nxt = d.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {dotted!r}: {p!r} is not a section")
+        d = nxt
+    d[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`student.lr=3e-4` -> ("student.lr", 0.0003); the value is read as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. student.lr=3e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 3e-4 as a string (it wants 3.0e-4); numbers written either way should work.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def config_from_dict(values: dict, overrides: list[str] | tuple[str, ...] = ()) -> KardConfig:
+    values = _copy(values or {})
+    for ov in overrides:
+        k, v = parse_override(ov)
+        _set_dotted(values, k, v)
+    return _build(KardConfig, values)
+
+
+def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> KardConfig:
+    """Load a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    values: dict = {}
+    if path is not None:
+        try:
+            with open(path) as fh:
+                values = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    try:
+        return config_from_dict(values, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path or '<defaults>'}: {e}") from None
+
+
+def field_help(cls=KardConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field: the configuration reference."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            rows.extend(field_help(type(default), key + "."))
+        else:
+            rows.append((key, json.dumps(default), f.metadata.get("help", "")))
+    return rows
