@@ -77,7 +77,7 @@ def list_files(path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
 
 def read_bytes(path: str) -> bytes:
     fs, p = resolve(path)
-    with fs.open_input_stream(p) as fh:
+    with fs.open_input_stream(p, compression=None) as fh:
         data = fh.read()
     if path.endswith(".gz"):
         data = gzip.decompress(data)
@@ -109,7 +109,7 @@ def write_json(path: str, obj: Any) -> None:
 def iter_text_lines(path: str) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) of a text file, gzip-aware, streaming."""
     fs, p = resolve(path)
-    with fs.open_input_stream(p) as raw:
+    with fs.open_input_stream(p, compression=None) as raw:
         stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
         for i, line in enumerate(text, start=1):

@@ -1,0 +1,109 @@
+"""Question converters, row validation and rejected rows; the synthetic task."""
+
+import gzip
+import json
+
+import pytest
+
+from kard_ray import io
+from kard_ray.data.questions import (RejectedShareError, detect_format, enforce_rejected_share, load_questions,
+                                     write_rejected)
+from kard_ray.data.synthetic import make_task
+
+
+def _jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return str(path)
+
+
+def test_strategyqa_kard_format_counts(shared_data):
+    train, rej_train = load_questions(str(shared_data / "train.jsonl"), "auto", "strategyqa", "train")
+    test, rej_test = load_questions(str(shared_data / "test.jsonl"), "kard", "strategyqa", "test")
+    assert (train.num_rows, test.num_rows) == (1603, 687)
+    assert rej_train == [] and rej_test == []
+    for t in (train, test):
+        assert all(o == ["yes", "no"] for o in t.column("options").to_pylist())
+        assert set(t.column("answer").to_pylist()) == {0, 1}
+
+
+def test_malformed_rows_are_rejected_with_line_and_reason(tmp_path):
+    good = {"id": "q1", "sent1": "Is water wet?", "sent2": "", "ending0": "yes", "ending1": "no", "ending2": "", "ending3": "", "label": 0}
+    rows = [
+        good,                                                  # line 1 ok
+        '{"id": "q2", "sent1": "Trunc',                        # line 2 truncated JSON
+        {**good, "id": "q3", "sent1": None},                   # line 3 missing question
+        {**good, "id": "q4", "label": 3},                      # line 4 label out of range
+        {**good, "id": "q1"},                                  # line 5 duplicate id
+        {**good, "id": "q6", "ending1": ""},                   # line 6 fewer than two options
+        {**good, "id": "q7", "label": "x"},                    # line 7 label wrong type
+        {**good, "id": "q8"},                                  # line 8 ok
+        {k: v for k, v in good.items() if k != "label"} | {"id": "q9"},  # line 9 missing label
+    ]
+    path = _jsonl(tmp_path / "q.jsonl", rows)
+    table, rejected = load_questions(path, "kard", "strategyqa", "train")
+    assert table.column("id").to_pylist() == ["q1", "q8"]
+    got = {r.line: r.reason for r in rejected}
+    assert set(got) == {2, 3, 4, 5, 6, 7, 9}
+    assert "invalid JSON line" in got[2]
+    assert got[3].startswith("sent1: missing")
+    assert got[4].startswith("answer: index 3 out of range")
+    assert "duplicate id 'q1'" in got[5] and ":1)" in got[5]
+    assert got[6].startswith("options: fewer than two")
+    assert got[7].startswith("label: expected an integer")
+    assert got[9].startswith("label: missing")
+
+    run = io.RunDir(str(tmp_path / "run"))
+    where = write_rejected(run.rejected, "questions_train", rejected)
+    back = io.read_table(where).to_pylist()
+    assert [(r["line"], r["source"]) for r in back] == [(r.line, path) for r in rejected]
+    with pytest.raises(RejectedShareError, match=r"7/9 rows rejected"):
+        enforce_rejected_share("questions/train", table.num_rows, len(rejected), 0.01, where)
+
+
+@pytest.mark.parametrize("fmt, row, expect", [
+    ("medqa", {"question": "Which drug?", "options": {"A": "x", "B": "y", "C": "z", "D": "w"}, "answer_idx": "C"}, (["x", "y", "z", "w"], 2)),
+    ("obqa", {"id": "o1", "question": {"stem": "Sun is a?", "choices": [{"text": "star", "label": "A"}, {"text": "moon", "label": "B"}]}, "answerKey": "A"}, (["star", "moon"], 0)),
+    ("strategyqa", {"qid": "s1", "question": "Can fish fly?", "answer": False, "facts": []}, (["yes", "no"], 1)),
+    ("generic", {"id": 5, "question": "2+2?", "options": ["3", "4"], "answer": "B"}, (["3", "4"], 1)),
+    ("generic", {"id": "g2", "question": "2+2?", "options": ["3", "4"], "answer": "4"}, (["3", "4"], 1)),
+])
+def test_converters_detect_and_convert(tmp_path, fmt, row, expect):
+    assert detect_format(row) == fmt
+    for suffix, writer in (("jsonl", lambda p: _jsonl(p, [row])),
+                           ("jsonl.gz", lambda p: p.write_bytes(gzip.compress((json.dumps(row) + "\n").encode()))),
+                           ("json", lambda p: p.write_text(json.dumps([row])))):
+        p = tmp_path / f"q.{suffix}"
+        writer(p)
+        table, rejected = load_questions(str(p), "auto", "x", "train")
+        assert rejected == [], rejected
+        r = table.to_pylist()[0]
+        assert (r["options"], r["answer"]) == expect
+
+
+def test_parquet_input_and_format_errors_name_the_field(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "question": "q?", "options": ["x", "y"], "answer": "B"},
+                                         {"id": "b", "question": "q?", "options": ["x", "y"], "answer": "Z"}]), tmp_path / "q.parquet")
+    table, rejected = load_questions(str(tmp_path / "q.parquet"), "generic", "g", "test")
+    assert table.num_rows == 1 and rejected[0].line == 2 and rejected[0].reason.startswith("answer: expected an option letter")
+
+
+def test_synthetic_task_is_deterministic_and_split_by_entity(synthetic_cfg):
+    a, b = make_task(synthetic_cfg), make_task(synthetic_cfg)
+    assert a.train_questions == b.train_questions and a.passages == b.passages and a.rationales == b.rationales
+    train_entities = {q["question"].split()[-1].rstrip("?") for q in a.train_questions}
+    test_entities = {q["question"].split()[-1].rstrip("?") for q in a.test_questions}
+    assert train_entities and test_entities and not train_entities & test_entities
+    assert len(a.train_questions) == synthetic_cfg.n_train_entities * synthetic_cfg.n_attributes
+    by_id = {p["id"]: p for p in a.passages}
+    for q in a.test_questions:  # every test fact is in the corpus, so retrieval can answer it
+        entity, attr = q["id"].split("-")[1:3]
+        assert q["options"][q["answer"]] in by_id[f"{entity}-{attr}"]["text"]
+    wrong = sum(1 for r in a.rationales
+                if not any(r["text"].endswith(f"answer is {q['options'][q['answer']]}.") for q in a.train_questions if q["id"] == r["question_id"]))
+    assert 0 < wrong < len(a.rationales) * 0.3, "a controllable share of wrong-answer rationales"
+    assert len({r["question_id"] for r in a.rationales}) == len(a.train_questions)
+    other = make_task(type(synthetic_cfg)(**{**synthetic_cfg.__dict__, "seed": 99}))
+    assert other.passages != a.passages
