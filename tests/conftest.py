@@ -83,7 +83,7 @@ def synthetic_task(synthetic_cfg):
 def tiny_cfg():
     from kard_ray.config import TinyModelConfig
 
-    return TinyModelConfig(d_model=64, n_layers=1, n_heads=2, d_ff=128, vocab_size=600)
+    return TinyModelConfig(d_model=64, n_layers=1, n_heads=2, d_ff=128, vocab_size=1000)
 
 
 @pytest.fixture(scope="session")
