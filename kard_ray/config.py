@@ -167,8 +167,13 @@ class OpenAIBackendConfig:
     max_retries: int = _f(6, "Retries per row on 429, 5xx and timeouts (exponential backoff).")
     backoff_s: float = _f(1.0, "First backoff; doubles each retry, with jitter.")
     timeout_s: float = _f(60.0, "Per-request timeout.")
+    num_actors: int = _f(1, "Client actors; requests_per_second and max_concurrency are split across them.")
+    batch_size: int = _f(8, "Questions per actor call; each finished batch is written as one part file.")
+    num_cpus_per_actor: float = _f(0.25, "CPUs each client actor reserves (I/O bound: fractional).")
 
     def __post_init__(self):
+        _check(self.num_actors >= 1 and self.batch_size >= 1, "teacher.openai", "num_actors and batch_size must be >= 1")
+        _check(self.num_cpus_per_actor >= 0, "teacher.openai.num_cpus_per_actor", "must be >= 0")
         _check(self.requests_per_second > 0, "teacher.openai.requests_per_second", "must be > 0")
         _check(self.max_concurrency >= 1, "teacher.openai.max_concurrency", "must be >= 1")
         _check(self.max_retries >= 0, "teacher.openai.max_retries", "must be >= 0")
@@ -211,6 +216,7 @@ class TeacherConfig:
     n_few_shot: int = _f(0, "Few-shot examples placed in each prompt.")
     filter: Literal["parse", "verifier", "none"] = _f("parse", "Keep rationales whose parsed answer is gold (`parse`), scored by a verifier model, or all.")
     verifier_model: Optional[str] = _f(None, "Seq2seq verifier (name or path) used when filter=verifier or for unparsed rationales.")
+    retry_errors: bool = _f(True, "On a rerun, regenerate rows recorded with an error (finished rows are never regenerated).")
     openai: OpenAIBackendConfig = _f(OpenAIBackendConfig(), "OpenAI-compatible backend.")
     vllm: VLLMBackendConfig = _f(VLLMBackendConfig(), "vLLM backend.")
     hf: HFBackendConfig = _f(HFBackendConfig(), "Local transformers backend.")
