@@ -138,6 +138,7 @@ class KnowledgeConfig:
     dedup: bool = _f(True, "Drop passages whose text exactly repeats an earlier one.")
     retriever: Literal["bm25", "dense", "hybrid"] = _f("bm25", "Retriever used for grounding and inference.")
     rrf_k: int = _f(60, "Reciprocal-rank-fusion constant for the hybrid retriever.")
+    rrf_depth: int = _f(100, "Hybrid retriever: BM25 and dense hits fused per query (each list this deep, at least k).")
     bm25: BM25Config = _f(BM25Config(), "BM25 settings.")
     dense: DenseConfig = _f(DenseConfig(), "Dense retrieval settings.")
     retrieval_actors: int = _f(1, "Actors in batch retrieval stages (each loads the index once).")
@@ -148,6 +149,7 @@ class KnowledgeConfig:
         _check(self.words_per_passage >= 8, "knowledge.words_per_passage", "must be >= 8")
         _check(0 <= self.overlap_words < self.words_per_passage, "knowledge.overlap_words", "must be in [0, words_per_passage)")
         _check(self.rrf_k >= 1, "knowledge.rrf_k", "must be >= 1")
+        _check(self.rrf_depth >= 1, "knowledge.rrf_depth", "must be >= 1")
         _check(self.retrieval_actors >= 1, "knowledge.retrieval_actors", "must be >= 1")
         _check(self.retrieval_batch_size >= 1, "knowledge.retrieval_batch_size", "must be >= 1")
         if self.retriever != "bm25":
@@ -360,6 +362,7 @@ class EvalConfig:
     score_by: Literal["letter", "text", "letter_or_text"] = _f(
         "letter_or_text", "How a prediction is read: the stated letter, the option text named last, or the letter then text.")
     oracle: bool = _f(True, "Also evaluate retrieval by a test-time teacher rationale when one exists.")
+    oracle_rationales_path: Optional[str] = _f(None, "Test-time teacher rationales ({id, rationales} JSONL) for the oracle mode; the synthetic task has its own.")
 
     def __post_init__(self):
         _check(self.n_votes >= 1, "eval.n_votes", "must be >= 1")

@@ -1,0 +1,217 @@
+"""Batch evaluation on Ray Data: retrieve → (rerank) → student.generate → parse → metrics.
+
+Per method (KARD.md §5):
+    ft, rd          no retrieval (the student never saw a Knowledge field)
+    kard_bm25       BM25 top-k by the question (+ options)
+    kard_reranker   BM25 top-k* by the question, reranked, top-k
+    kard_oracle     BM25 top-k by a test-time teacher rationale, when one exists (an upper bound)
+Each writes `<run>/eval/predictions/<method>/` (parquet); then `metrics.json`, `results.md` and
+`accuracy.png` summarise all methods side by side.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pyarrow as pa
+
+from kard_ray import io
+from kard_ray.config import KardConfig
+from kard_ray.data import schemas
+from kard_ray.evaluation.generator import StudentGenerator
+
+STUDENT_OF = {"ft": "student_ft", "rd": "student_rd", "kard_bm25": "student_kard",
+              "kard_reranker": "student_kard", "kard_oracle": "student_kard"}
+RETRIEVAL_OF = {"ft": "none", "rd": "none", "kard_bm25": "bm25", "kard_reranker": "bm25+reranker",
+                "kard_oracle": "oracle rationale"}
+
+
+def question_query(question: str, options) -> str:
+    """The inference-time retrieval query: the question and its options (KARD.md §5)."""
+    return f"{question} {' '.join(options)}"
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval for an accuracy (better than normal at small n or near 0/1)."""
+    if n == 0:
+        return 0.0, 0.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class PredictBatch:
+    """Ray Data actor: holds one student (loaded once) and predicts a batch of questions."""
+
+    def __init__(self, model_dir: str, method: str, dataset: str, eval_cfg: dict, max_source_length: int, seed: int):
+        self.method = method
+        self.generator = StudentGenerator(
+            model_dir, dataset, max_new_tokens=eval_cfg["max_new_tokens"], decoding=eval_cfg["decoding"],
+            n_votes=eval_cfg["n_votes"], temperature=eval_cfg["temperature"], max_source_length=max_source_length,
+            score_by=eval_cfg["score_by"], seed=seed)
+
+    def __call__(self, batch: dict) -> dict:
+        from kard_ray.knowledge import format_passage
+
+        n = len(batch["id"])
+        if "passage_texts" in batch:
+            passages = [[format_passage(t, x) for t, x in zip(batch["passage_titles"][i], batch["passage_texts"][i])]
+                        for i in range(n)]
+            ids = [list(batch["passage_ids"][i]) for i in range(n)]
+        else:
+            passages, ids = [None] * n, [[] for _ in range(n)]
+        options = [list(o) for o in batch["options"]]
+        preds = self.generator.predict(list(batch["question"]), options, passages)
+        answers = [int(a) for a in batch["answer"]]
+        return {
+            "question_id": list(batch["id"]),
+            "method": [self.method] * n,
+            "retrieval": [RETRIEVAL_OF[self.method]] * n,
+            "passage_ids": ids,
+            "generation": [p.generation for p in preds],
+            "pred_index": [p.pred_index for p in preds],
+            "pred_letter_index": [p.pred_letter_index for p in preds],
+            "pred_text_index": [p.pred_text_index for p in preds],
+            "answer": answers,
+            "correct": [p.pred_index == a for p, a in zip(preds, answers)],
+        }
+
+
+def oracle_rationales_path(cfg: KardConfig, run: io.RunDir) -> str | None:
+    if cfg.eval.oracle_rationales_path:
+        return cfg.eval.oracle_rationales_path
+    if cfg.data.dataset == "synthetic":
+        from kard_ray.data.stage import synthetic_inputs
+
+        path = synthetic_inputs(run)["test_rationales"]
+        return path if io.exists(path) else None
+    return None
+
+
+def _test_dataset(cfg: KardConfig, run: io.RunDir, method: str):
+    import ray
+
+    table = io.read_table(run.questions("test"))
+    queries = [question_query(q, o) for q, o in zip(table.column("question").to_pylist(), table.column("options").to_pylist())]
+    table = table.append_column("query", pa.array(queries, pa.string()))
+    if method == "kard_oracle":
+        from kard_ray.teacher import load_teacher_rationales
+
+        rationales = load_teacher_rationales(oracle_rationales_path(cfg, run))
+        keep = [qid in rationales for qid in table.column("id").to_pylist()]
+        table = table.filter(pa.array(keep))
+        table = table.append_column("oracle_query", pa.array([rationales[q][0] for q in table.column("id").to_pylist()]))
+    return ray.data.from_arrow(table)
+
+
+def predict_method(cfg: KardConfig, run: io.RunDir, method: str) -> str:
+    """Run one method's batch inference; returns its predictions directory."""
+    import ray
+
+    from kard_ray.knowledge import retrieve
+
+    ds = _test_dataset(cfg, run, method)
+    if method == "kard_bm25":
+        ds = retrieve(ds, "query", cfg.eval.k, run.root, cfg.knowledge)
+    elif method == "kard_oracle":
+        ds = retrieve(ds, "oracle_query", cfg.eval.k, run.root, cfg.knowledge)
+    elif method == "kard_reranker":
+        from kard_ray.training.reranker import rerank_dataset
+
+        ds = retrieve(ds, "query", cfg.reranker.k_star, run.root, cfg.knowledge)
+        ds = rerank_dataset(ds, run.model("reranker"), cfg, k=cfg.eval.k)
+    out = run.path("eval", "predictions", method)
+    if io.exists(out):
+        io.remove(out)
+    ds = ds.map_batches(
+        PredictBatch,
+        fn_constructor_kwargs=dict(model_dir=run.model(STUDENT_OF[method]), method=method, dataset=cfg.data.dataset,
+                                   eval_cfg=cfg.to_dict()["eval"], max_source_length=cfg.student.max_source_length,
+                                   seed=cfg.seed),
+        compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
+        batch_size=cfg.eval.batch_size, num_cpus=cfg.eval.num_cpus_per_actor, num_gpus=cfg.eval.num_gpus_per_actor,
+        batch_format="numpy")
+    ds.write_parquet(io.resolve(out)[1] if not io.is_uri(out) else out)
+    return out
+
+
+def method_metrics(predictions: pa.Table) -> dict:
+    n = predictions.num_rows
+    correct = int(np.sum(predictions.column("correct").to_numpy(zero_copy_only=False)))
+    lo, hi = wilson_interval(correct, n)
+    letter = predictions.column("pred_letter_index").to_numpy()
+    text = predictions.column("pred_text_index").to_numpy()
+    both = (letter >= 0) & (text >= 0)
+    return {
+        "n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci95": [lo, hi],
+        "answered": int(np.sum(predictions.column("pred_index").to_numpy() >= 0)),
+        "letter_parsed": int(np.sum(letter >= 0)), "text_parsed": int(np.sum(text >= 0)),
+        "letter_text_disagree": int(np.sum(both & (letter != text))),
+    }
+
+
+def methods_to_evaluate(cfg: KardConfig, run: io.RunDir) -> list[str]:
+    methods = list(cfg.methods)
+    if cfg.eval.oracle and any(m.startswith("kard") for m in methods) and oracle_rationales_path(cfg, run):
+        methods.append("kard_oracle")
+    return methods
+
+
+def evaluate(cfg: KardConfig, run: io.RunDir) -> dict:
+    """The evaluation stage: every method's predictions, then metrics.json, results.md, accuracy.png."""
+    metrics = {"score_by": cfg.eval.score_by, "decoding": cfg.eval.decoding, "methods": {}}
+    for method in methods_to_evaluate(cfg, run):
+        t0 = time.time()
+        out = predict_method(cfg, run, method)
+        m = method_metrics(io.read_table(out))
+        m["retrieval"] = RETRIEVAL_OF[method]
+        m["seconds"] = round(time.time() - t0, 1)
+        metrics["methods"][method] = m
+        print(f"[evaluate] {method:14s} accuracy {m['accuracy']:.3f} "
+              f"(95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, n={m['n']}) in {m['seconds']}s", flush=True)
+    io.write_json(run.path("eval", "metrics.json"), metrics)
+    table = results_table(metrics, cfg)
+    io.write_bytes(run.path("eval", "results.md"), table.encode())
+    io.write_bytes(run.path("eval", "accuracy.png"), bar_chart(metrics))
+    print(table, flush=True)
+    return metrics
+
+
+def results_table(metrics: dict, cfg: KardConfig) -> str:
+    lines = [f"# Results ({cfg.data.dataset}, test split, scored by {metrics['score_by']}, {metrics['decoding']} decoding)", "",
+             "| method | retrieval | accuracy | 95% CI | n | answered | letter≠text |",
+             "|---|---|---|---|---|---|---|"]
+    for name, m in metrics["methods"].items():
+        lines.append(f"| {name} | {m['retrieval']} | {100 * m['accuracy']:.1f} | {100 * m['ci95'][0]:.1f}–{100 * m['ci95'][1]:.1f}"
+                     f" | {m['n']} | {m['answered']} | {m['letter_text_disagree']} |")
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(metrics: dict) -> bytes:
+    import io as _io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(metrics["methods"])
+    acc = [100 * metrics["methods"][n]["accuracy"] for n in names]
+    err = [[100 * (metrics["methods"][n]["accuracy"] - metrics["methods"][n]["ci95"][0]) for n in names],
+           [100 * (metrics["methods"][n]["ci95"][1] - metrics["methods"][n]["accuracy"]) for n in names]]
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.5))
+    ax.bar(names, acc, yerr=err, capsize=4, color=["#999999" if not n.startswith("kard") else "#3572a5" for n in names])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("KARD vs baselines (95% CI)")
+    for i, a in enumerate(acc):
+        ax.text(i, a + 2, f"{a:.1f}", ha="center")
+    fig.tight_layout()
+    buf = _io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

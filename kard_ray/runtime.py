@@ -1,0 +1,35 @@
+"""Starting or joining Ray the same way in every job, embedded or under `ray job submit`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from kard_ray.config import KardConfig
+
+log = logging.getLogger("kard_ray")
+
+
+def init_ray(cfg: KardConfig):
+    """`ray.init()` that joins the job's cluster when there is one, else starts a local instance.
+
+    Under `ray job submit` (or with RAY_ADDRESS / resources.address set) Ray is joined as it is —
+    passing num_cpus to an existing cluster is an error. Embedded, `resources.num_cpus` logical CPUs
+    are declared: more than the cores on a small machine keeps Ray Data actor pools from starving the
+    read tasks (RAY_NOTES.md, ray#44687).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "TOKENIZERS_", "KARD_"))}
+    runtime_env = {"env_vars": env} if env else None
+    address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=cfg.resources.num_cpus, runtime_env=runtime_env, include_dashboard=False,
+                 logging_level=logging.WARNING)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = bool(os.environ.get("KARD_PROGRESS_BARS"))
+    return ray
