@@ -391,6 +391,9 @@ class ServeConfig:
     request_timeout_s: float = _f(30.0, "Per-request budget; exceeded -> 504.")
     max_options: int = _f(8, "Most options a question may have.")
     max_question_chars: int = _f(4000, "Longest question accepted.")
+    max_option_chars: int = _f(1000, "Longest option text accepted.")
+    max_k: int = _f(32, "Most passages a request may give the student (`k`).")
+    max_candidates: int = _f(1000, "Most BM25 candidates a request may hand the reranker (`candidates`).")
     max_batch_size: int = _f(8, "Generator dynamic batch size.")
     batch_wait_timeout_s: float = _f(0.01, "How long the generator waits to fill a batch.")
     generator_num_gpus: float = _f(0.0, "GPUs per generator replica.")
@@ -404,8 +407,10 @@ class ServeConfig:
         _check(1 <= self.port <= 65535, "serve.port", "must be a TCP port")
         _check(self.max_body_bytes >= 256, "serve.max_body_bytes", "must be >= 256")
         _check(self.request_timeout_s > 0, "serve.request_timeout_s", "must be > 0")
-        _check(self.max_options >= 2, "serve.max_options", "must be >= 2")
+        _check(2 <= self.max_options <= 10, "serve.max_options", "must be in [2, 10] (answers are read as letters A-J)")
         _check(self.max_batch_size >= 1, "serve.max_batch_size", "must be >= 1")
+        for k in ("max_question_chars", "max_option_chars", "max_k", "max_candidates"):
+            _check(getattr(self, k) >= 1, f"serve.{k}", "must be >= 1")
 
 
 @dataclass
