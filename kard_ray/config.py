@@ -330,6 +330,7 @@ class RerankerConfig(TrainingConfig):
     max_query_length: int = _f(64, "Late interaction: query tokens.")
     k_star: int = _f(100, "Inference: BM25 candidates handed to the reranker.")
     eval_questions: Optional[int] = _f(None, "Held-out questions for the Hits@k report (null: all test questions).")
+    holdout_fraction: float = _f(0.05, "Without test-time rationales (eval.oracle_rationales_path or the synthetic task's), hold this share of training questions out of mining and report Hits@k on them.")
     num_actors: int = _f(1, "Batch reranking actors.")
     num_cpus_per_actor: float = _f(0.5, "CPUs each reranking actor reserves.")
 
@@ -342,6 +343,8 @@ class RerankerConfig(TrainingConfig):
         _check(self.n_from_rationale + self.n_from_question >= 2, "reranker.n_from_*", "need at least 2 candidates per step")
         _check(self.k_star >= 1, "reranker.k_star", "must be >= 1")
         _check(self.colbert_dim >= 1, "reranker.colbert_dim", "must be >= 1")
+        _check(0.0 <= self.holdout_fraction < 1.0, "reranker.holdout_fraction", "must be in [0, 1)")
+        _check(self.eval_questions is None or self.eval_questions >= 1, "reranker.eval_questions", "must be >= 1 or null")
 
 
 # ----------------------------------------------------------------------------------------------
