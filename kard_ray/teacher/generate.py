@@ -1,0 +1,164 @@
+"""The teacher stage: questions → rationales (parquet parts) + statistics, resumable and idempotent.
+
+    questions(train) ─► todo (samples not yet written) ─► backend (Ray Data) ─► parse + consistency
+        ─► [verifier actors] ─► driver: group rows by question ─► one part file per finished batch
+
+Rows are written by the driver as Ray Data hands over finished blocks (in completion order), each
+block's complete questions as one part file (store.py). A rerun reads what exists, asks the backend
+only for the missing (question, sample) rows — and, with `teacher.retry_errors`, for rows recorded
+with an error — and removes superseded rows at the end. Killing the process at any moment loses
+only rows not yet written and never leaves a duplicate or a half-written file.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pyarrow as pa
+
+from kard_ray import io
+from kard_ray.config import KardConfig
+from kard_ray.data.schemas import RATIONALES
+from kard_ray.io import RunDir
+from kard_ray.teacher.backends import make_backend
+from kard_ray.teacher.parsing import parse_answer
+from kard_ray.teacher.prompts import build_messages, load_few_shot
+from kard_ray.teacher.stats import rationale_stats
+from kard_ray.teacher.store import RationaleStore
+
+SCORED_SCHEMA_EXTRA = [("parsed_answer", pa.int64()), ("consistent", pa.bool_()), ("needs_verifier", pa.bool_()),
+                       ("verifier_answer", pa.int64())]
+
+
+def _log(msg: str) -> None:
+    print(f"[teacher] {msg}", flush=True)
+
+
+def read_train_questions(run: RunDir) -> list[dict]:
+    path = run.questions("train")
+    if not io.exists(path):
+        raise FileNotFoundError(f"{path}: no training questions; run the questions stage first")
+    table = io.read_table(path)
+    missing = [c for c in ("id", "question", "options", "answer") if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: columns {missing} missing (expected the QUESTIONS schema)")
+    return table.to_pylist()
+
+
+def score_batch(batch: pa.Table, filter: str, verifier: bool) -> pa.Table:
+    """Parse each rationale's stated answer and decide `consistent` (the keep flag).
+
+    parse: kept when the parsed answer is gold; unparsed rows go to the verifier when one is set.
+    verifier: every row goes to the verifier. none: every produced row is kept.
+    """
+    rows = batch.to_pylist()
+    for r in rows:
+        ok = r["error"] is None
+        parsed = parse_answer(r["text"], r["options"]) if ok else None
+        r["parsed_answer"] = parsed
+        r["verifier_answer"] = None
+        if not ok:
+            r["consistent"], r["needs_verifier"] = False, False
+        elif filter == "none":
+            r["consistent"], r["needs_verifier"] = True, False
+        elif filter == "verifier":
+            r["consistent"], r["needs_verifier"] = False, True
+        else:
+            r["consistent"] = parsed is not None and parsed == r["answer"]
+            r["needs_verifier"] = verifier and parsed is None
+    schema = batch.schema
+    for name, typ in SCORED_SCHEMA_EXTRA:
+        if name not in schema.names:
+            schema = schema.append(pa.field(name, typ))
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+class QuestionBuffer:
+    """Collects per-sample rows until each question has every sample this run asked for."""
+
+    def __init__(self, needed: dict[str, set[int]]):
+        self.needed = needed
+        self.rows: dict[str, dict[int, dict]] = {}
+
+    def add(self, batch: pa.Table) -> list[dict]:
+        done = []
+        for r in batch.select(RATIONALES.names).to_pylist():
+            q = r["question_id"]
+            self.rows.setdefault(q, {})[r["sample"]] = r
+            if set(self.rows[q]) >= self.needed.get(q, set()):
+                got = self.rows.pop(q)
+                done.extend(got[s] for s in sorted(got))
+        return done
+
+    def leftover(self) -> list[dict]:
+        out = [r for rows in self.rows.values() for r in rows.values()]
+        self.rows.clear()
+        return out
+
+
+def generate_rationales(cfg: KardConfig, run: RunDir) -> dict:
+    """Write `run.rationales` (parquet parts) and `rationales_stats.json`; return the stats."""
+    t0 = time.time()
+    t = cfg.teacher
+    questions = read_train_questions(run)
+    store = RationaleStore(run.rationales)
+    store.clean_temporaries()
+    repaired = store.repair()
+    backend = make_backend(cfg, run)
+    expected = backend.expected(questions)
+    existing = store.index()
+
+    generative = t.backend in ("openai", "vllm", "hf")
+    few_shot = load_few_shot(t.few_shot_path, cfg.data.dataset, t.n_few_shot) if generative else []
+    todo = []
+    for q in questions:
+        need = [s for s in expected.get(q["id"], [])
+                if (q["id"], s) not in existing or (t.retry_errors and existing[(q["id"], s)])]
+        if not need:
+            continue
+        row = {"question_id": q["id"], "question": q["question"], "options": list(q["options"]),
+               "answer": int(q["answer"]), "samples": need}
+        if generative:
+            row["messages_json"] = json.dumps(build_messages(q, q.get("dataset") or cfg.data.dataset, few_shot))
+        todo.append(row)
+    n_todo_rows = sum(len(r["samples"]) for r in todo)
+    _log(f"{len(questions)} questions; {len(existing)} rows already written; {n_todo_rows} rows of "
+         f"{len(todo)} questions to produce with backend={t.backend}")
+
+    written = 0
+    if todo:
+        use_verifier = t.verifier_model is not None and t.filter != "none"
+        ds = backend.dataset(todo)
+        ds = ds.map_batches(score_batch, fn_kwargs=dict(filter=t.filter, verifier=use_verifier),
+                            batch_format="pyarrow", batch_size=None, num_cpus=0.25)
+        if use_verifier:
+            from kard_ray.teacher.verifier import VerifierUDF, verifier_stage_kwargs
+
+            ds = ds.map_batches(VerifierUDF, **verifier_stage_kwargs(cfg))
+        buf = QuestionBuffer({r["question_id"]: set(r["samples"]) for r in todo})
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            done = buf.add(batch)
+            if done:
+                store.write_part(done)
+                written += len(done)
+                _log(f"wrote {written}/{n_todo_rows} rows")
+        rest = buf.leftover()
+        if rest:  # a backend returned fewer rows than asked: keep what exists, report the gap
+            _log(f"warning: {len(rest)} rows of incomplete questions written as they are")
+            store.write_part(rest)
+            written += len(rest)
+        repaired += store.repair()  # drop error rows that retried successes replaced
+
+    table = store.read()
+    gold = {q["id"]: int(q["answer"]) for q in questions}
+    stats = rationale_stats(table, gold, verifier=t.verifier_model is not None)
+    stats["backend"] = t.backend
+    stats["filter"] = t.filter
+    stats["this_run"] = {"rows_written": written, "rows_skipped": len(existing), "rows_repaired": repaired,
+                         "seconds": round(time.time() - t0, 2)}
+    io.write_json(run.path("rationales_stats.json"), stats)
+    _log(f"{stats['n_rationales']} rationales for {stats['questions_with_rationales']} questions; parse rate "
+         f"{stats['parse_rate']:.2%}, agreement {stats['agreement_rate']:.2%}, kept {stats['consistency_rate']:.2%}; "
+         f"{stats['questions_without_kept_rationale']} questions without a kept rationale; {stats['errors']} errors")
+    return stats
