@@ -1,0 +1,44 @@
+"""`build_indexes`: the run's BM25 index, and its dense index when the retriever needs one.
+
+Each build runs in a Ray task that reads the passages (or embeddings) itself from the run directory
+and writes the index back there, so the driver never holds the corpus. bm25s builds in memory, so the
+BM25 task needs the whole tokenised corpus in one process (README: memory per million passages).
+"""
+
+from __future__ import annotations
+
+import time
+
+from kard_ray import io
+from kard_ray.config import KnowledgeConfig
+
+
+def build_indexes(run: io.RunDir, cfg: KnowledgeConfig) -> dict:
+    """Build `run.bm25_index` always, and embeddings + `run.faiss_index` for dense/hybrid retrieval.
+
+    Returns timings and sizes: {"bm25": {...}, "dense": {...}} (dense only when built).
+    """
+    import ray
+
+    from kard_ray.knowledge.bm25 import build_bm25_from_parquet
+
+    if not io.exists(run.passages):
+        raise FileNotFoundError(f"{run.passages}: no passages; run ingest_corpus first")
+    out: dict = {}
+    t0 = time.perf_counter()
+    task = ray.remote(num_cpus=1)(build_bm25_from_parquet)
+    out["bm25"] = ray.get(task.remote(run.passages, run.bm25_index, cfg.bm25))
+    print(f"[index] BM25: {out['bm25']['passages']} passages, {out['bm25']['terms']} terms in "
+          f"{out['bm25']['total_s']} s -> {run.bm25_index}")
+    if cfg.retriever in ("dense", "hybrid"):
+        from kard_ray.knowledge.dense import build_faiss_from_parquet, embed_passages
+
+        stats = embed_passages(run.passages, run.embeddings, cfg.dense)
+        gpus = 1 if cfg.dense.use_gpu_index else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpus)(build_faiss_from_parquet)
+        stats.update(ray.get(task.remote(run.embeddings, run.faiss_index, cfg.dense)))
+        out["dense"] = stats
+        print(f"[index] dense ({cfg.dense.index_type}): {stats['passages']} passages x {stats['dim']} embedded in "
+              f"{stats['embed_s']} s, indexed in {stats['faiss_build_s']} s -> {run.faiss_index}")
+    out["seconds"] = round(time.perf_counter() - t0, 2)
+    return out

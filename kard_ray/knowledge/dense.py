@@ -1,0 +1,286 @@
+"""Dense retrieval: an HF encoder embeds passages on a Ray Data actor pool; faiss indexes the vectors.
+
+    embed_passages(run, cfg)        passages parquet -> map_batches(EmbedPassages actors) -> embeddings parquet
+    build_faiss_from_parquet(...)   embeddings parquet, streamed file by file -> faiss index directory
+    DenseIndex.load(path).search(query_vectors, k)
+
+The driver never holds the corpus: embeddings stream from the actors to parquet, and the faiss build
+(a Ray task in `build_indexes`) reads them back in record batches. Passages are embedded as
+`format_passage(title, text)`, queries as they are; vectors are L2-normalised, so inner product is
+cosine similarity. Index types: exact inner product (`flat`, default), IVF-PQ (`ivfpq`: nlist lists,
+pq_m sub-quantisers of 8 bits, nprobe lists searched) or HNSW (`hnsw`). With `use_gpu_index` and
+faiss-gpu on a GPU machine, flat and IVF indexes are built and searched on the GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import warnings
+
+import numpy as np
+import pyarrow as pa
+
+from kard_ray import io
+from kard_ray.config import DenseConfig
+from kard_ray.knowledge.store import local_dir, publish_dir
+from kard_ray.knowledge.text import format_passage
+
+INDEX_FILE = "faiss.index"
+IDS_FILE = "ids.arrow"
+META_FILE = "kard_dense.json"
+FORMAT_VERSION = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# encoder
+
+
+class Encoder:
+    """An HF encoder (AutoModel + AutoTokenizer) that turns texts into L2-normalised vectors."""
+
+    def __init__(self, name_or_path: str, pooling: str = "mean", max_length: int = 256,
+                 device: str | None = None, num_threads: int | None = None):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        if num_threads:
+            torch.set_num_threads(num_threads)  # fractional-CPU actors must not each grab every core
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.pooling = pooling
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        self.model = AutoModel.from_pretrained(name_or_path).to(self.device)
+        self.model.eval()  # transformers 5 builds models in train mode (dropout on)
+        self.dim = int(self.model.config.hidden_size)
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        import torch
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        # Sort by length so each mini-batch pads little; results go back to input order.
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        for s in range(0, len(texts), batch_size):
+            idx = order[s:s + batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                 max_length=self.max_length, return_tensors="pt")
+            enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+            with torch.inference_mode():
+                hidden = self.model(**enc).last_hidden_state
+                if self.pooling == "cls":
+                    vec = hidden[:, 0]
+                else:
+                    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                    vec = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+                vec = torch.nn.functional.normalize(vec.float(), dim=-1)
+            out[idx] = vec.cpu().numpy()
+        return out
+
+
+class EmbedPassages:
+    """Ray Data class UDF: the encoder is loaded once per actor, then every batch reuses it."""
+
+    def __init__(self, encoder: str, pooling: str, max_length: int, batch_size: int, num_threads: int):
+        self.encoder = Encoder(encoder, pooling, max_length, num_threads=num_threads)
+        self.batch_size = batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = [format_passage(t, x) for t, x in zip(batch.column("title").to_pylist(), batch.column("text").to_pylist())]
+        vecs = self.encoder.encode(texts, self.batch_size)
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
+        return pa.table({"id": batch.column("id"), "embedding": emb})
+
+
+def embed_passages(passages_path: str, embeddings_path: str, cfg: DenseConfig) -> dict:
+    """Embed every passage with an actor pool of `cfg.num_actors` encoders; write parquet (id, embedding)."""
+    import ray
+
+    if cfg.encoder is None:
+        raise ValueError("knowledge.dense.encoder is not set: name an HF encoder or a local model directory")
+    t0 = time.perf_counter()
+    if io.exists(embeddings_path):
+        io.remove(embeddings_path)
+    ds = ray.data.read_parquet(passages_path, columns=["id", "title", "text"])
+    ds = ds.map_batches(
+        EmbedPassages, batch_format="pyarrow", batch_size=cfg.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
+        num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
+        fn_constructor_kwargs={"encoder": cfg.encoder, "pooling": cfg.pooling, "max_length": cfg.max_length,
+                               "batch_size": cfg.batch_size,
+                               "num_threads": max(1, int(cfg.num_cpus_per_actor))})
+    ds.write_parquet(embeddings_path)
+    return {"embed_s": round(time.perf_counter() - t0, 2)}
+
+
+# ----------------------------------------------------------------------------------------------
+# faiss
+
+
+def _gpu_available() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def _iter_embeddings(path: str, batch_rows: int = 65536):
+    """(ids, vectors float32 [n, d]) record batch by record batch, file by file."""
+    import pyarrow.parquet as pq
+
+    for f in io.list_files(path, suffixes=(".parquet",)):
+        fs, p = io.resolve(f)
+        with fs.open_input_file(p) as fh:
+            for batch in pq.ParquetFile(fh).iter_batches(batch_size=batch_rows, columns=["id", "embedding"]):
+                col = batch.column("embedding")
+                flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+                yield batch.column("id"), flat.reshape(len(col), -1)
+
+
+def _count_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    n = 0
+    for f in io.list_files(path, suffixes=(".parquet",)):
+        fs, p = io.resolve(f)
+        with fs.open_input_file(p) as fh:
+            n += pq.ParquetFile(fh).metadata.num_rows
+    return n
+
+
+def _make_index(d: int, n: int, cfg: DenseConfig):
+    import faiss
+
+    if cfg.index_type == "flat":
+        return faiss.IndexFlatIP(d), None
+    if cfg.index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(d, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        return index, None
+    if d % cfg.pq_m:
+        raise ValueError(f"knowledge.dense.pq_m={cfg.pq_m} must divide the embedding size {d}")
+    if n < 256:
+        raise ValueError(f"index_type=ivfpq needs at least 256 passages to train 8-bit PQ codes, got {n}; use flat")
+    nlist = cfg.nlist
+    if n < 39 * nlist:  # faiss wants >= 39 training points per list
+        nlist = max(1, n // 39)
+        warnings.warn(f"knowledge.dense.nlist={cfg.nlist} is too many lists for {n} passages; using {nlist}")
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+    return index, quantizer
+
+
+def build_faiss_from_parquet(embeddings_path: str, index_path: str, cfg: DenseConfig) -> dict:
+    """Stream the embeddings into a faiss index; save index + row ids to `index_path`."""
+    import resource
+
+    import faiss
+
+    t0 = time.perf_counter()
+    n = _count_rows(embeddings_path)
+    if n == 0:
+        raise ValueError(f"no embeddings under {embeddings_path}")
+    first_ids, first = next(_iter_embeddings(embeddings_path, 1))
+    d = first.shape[1]
+    index, quantizer = _make_index(d, n, cfg)
+    nlist = int(index.nlist) if hasattr(index, "nlist") else 0
+    use_gpu = cfg.use_gpu_index and cfg.index_type != "hnsw" and _gpu_available()
+    if cfg.use_gpu_index and not use_gpu:
+        warnings.warn("knowledge.dense.use_gpu_index: faiss-gpu or a GPU is missing (or index_type=hnsw); building on CPU")
+    if use_gpu:
+        index = faiss.index_cpu_to_all_gpus(index)
+    if not index.is_trained:  # IVF-PQ: train on a uniform sample, read batch by batch
+        n_train = min(n, 64 * max(256, nlist))  # faiss: 39-256 points per centroid (PQ has 256 per sub-space)
+        rng = np.random.default_rng(0)
+        sample = [vecs[rng.random(len(vecs)) < n_train / n] for _, vecs in _iter_embeddings(embeddings_path)]
+        index.train(np.ascontiguousarray(np.concatenate(sample)))
+    id_chunks = []
+    for ids, vecs in _iter_embeddings(embeddings_path):
+        index.add(np.ascontiguousarray(vecs))
+        id_chunks.append(ids)
+    if use_gpu:
+        index = faiss.index_gpu_to_cpu(index)
+    ids = pa.chunked_array(id_chunks, pa.string())
+    with tempfile.TemporaryDirectory(prefix="kard_faiss_") as tmp:
+        faiss.write_index(index, os.path.join(tmp, INDEX_FILE))
+        with pa.OSFile(os.path.join(tmp, IDS_FILE), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("id", pa.string())])) as w:
+            w.write_table(pa.table({"id": ids}))
+        meta = {"format_version": FORMAT_VERSION, "dim": d, "num_passages": n, "dense": cfg.__dict__}
+        with open(os.path.join(tmp, META_FILE), "w") as fh:
+            json.dump(meta, fh, indent=2)
+        size = os.path.getsize(os.path.join(tmp, INDEX_FILE))
+        publish_dir(tmp, index_path)
+    return {"passages": n, "dim": d, "index_type": cfg.index_type, "faiss_build_s": round(time.perf_counter() - t0, 2),
+            "index_bytes": int(size), "gpu": use_gpu,
+            "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+class DenseIndex:
+    """A faiss index over passage vectors and the passage id of each row."""
+
+    def __init__(self, index, ids: pa.ChunkedArray | pa.Array, cfg: DenseConfig):
+        self.index = index
+        self.ids = ids
+        self.cfg = cfg
+        self._configure()
+
+    def _configure(self) -> None:
+        import faiss
+
+        try:
+            faiss.extract_index_ivf(self.index).nprobe = self.cfg.nprobe
+        except (RuntimeError, AttributeError, TypeError):
+            pass  # not an IVF index
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    @classmethod
+    def build(cls, ids: list[str], vectors: np.ndarray, cfg: DenseConfig) -> "DenseIndex":
+        """In-memory build (tests, small corpora); `build_faiss_from_parquet` is the streaming path."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        index, _ = _make_index(vectors.shape[1], len(vectors), cfg)
+        if not index.is_trained:
+            index.train(vectors)
+        index.add(vectors)
+        return cls(index, pa.array(ids, pa.string()), cfg)
+
+    def save(self, path: str) -> None:
+        import faiss
+
+        with tempfile.TemporaryDirectory(prefix="kard_faiss_") as tmp:
+            faiss.write_index(self.index, os.path.join(tmp, INDEX_FILE))
+            with pa.OSFile(os.path.join(tmp, IDS_FILE), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("id", pa.string())])) as w:
+                w.write_table(pa.table({"id": self.ids}))
+            with open(os.path.join(tmp, META_FILE), "w") as fh:
+                json.dump({"format_version": FORMAT_VERSION, "dim": int(self.index.d), "num_passages": len(self),
+                           "dense": self.cfg.__dict__}, fh, indent=2)
+            publish_dir(tmp, path)
+
+    @classmethod
+    def load(cls, path: str, cfg: DenseConfig | None = None) -> "DenseIndex":
+        """Load a saved index; `cfg` overrides search-time settings (nprobe, use_gpu_index)."""
+        import faiss
+
+        d = local_dir(path)
+        meta_path = os.path.join(d, META_FILE)
+        if not os.path.exists(meta_path):
+            raise FileNotFoundError(f"{path}: not a kard-ray dense index (no {META_FILE}); build it with build_indexes")
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path}: index format {meta.get('format_version')} != {FORMAT_VERSION}; rebuild it")
+        cfg = cfg or DenseConfig(**meta["dense"])
+        index = faiss.read_index(os.path.join(d, INDEX_FILE))
+        if cfg.use_gpu_index and meta["dense"]["index_type"] != "hnsw" and _gpu_available():
+            index = faiss.index_cpu_to_all_gpus(index)
+        ids = pa.ipc.open_file(pa.memory_map(os.path.join(d, IDS_FILE), "r")).read_all().column("id")
+        return cls(index, ids, cfg)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(rows [n, k'], scores [n, k']) best first, k' = min(k, size); rows of -1 (IVF lists too few) are
+        possible and must be skipped by the caller."""
+        k = min(k, len(self))
+        if hasattr(self.index, "hnsw"):
+            self.index.hnsw.efSearch = max(64, 2 * k)  # the beam must be at least k wide
+        scores, rows = self.index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        return rows.astype(np.int64), scores.astype(np.float32)
