@@ -1,0 +1,177 @@
+"""Building the Serve application from a run directory, and `kard-ray serve <run_dir>`.
+
+Three ways in, one builder:
+
+    serve run kard_ray.serve:build_app run_dir=runs/demo [serve.max_batch_size=16 ...]
+    serve deploy configs/serve.yaml            (import_path kard_ray.serve:build_app, args {run_dir})
+    kard-ray serve runs/demo [serve.port=8080 ...]    -> serve_run_dir()
+
+The run's own `<run>/config.yaml` (written by the pipeline) is the configuration, so the service
+retrieves, reranks and decodes exactly as the run's evaluation did; dotted overrides adjust the
+`serve` section (or anything else) on top. Replica counts and resources come from
+`cfg.serve.{retriever,reranker,generator,ingress}`; a Serve config YAML may override them per
+deployment (it wins over code, and its `ray_actor_options` replaces the code's dict).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import threading
+from typing import Any, Optional
+
+from kard_ray import io
+from kard_ray.config import AutoscalingConfig, ConfigError, KardConfig, config_from_dict, load_config
+from kard_ray.serve.api import Limits
+
+APP_NAME = "kard"
+DEPLOYMENTS = ("Retriever", "Reranker", "Generator", "Ingress")
+STUDENT = "student_kard"
+RERANKER = "reranker"
+
+
+def load_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> KardConfig:
+    """`<run_dir>/config.yaml` + dotted overrides; `run_dir` always points at the directory served
+    (a run copied to object storage keeps its old `run_dir` inside config.yaml)."""
+    run = io.RunDir(str(run_dir))
+    overrides = [*overrides, f"run_dir={run.root}"]
+    if not io.exists(run.config):
+        raise ConfigError(f"{run.config} not found: is {run.root!r} a run directory written by `kard-ray distill`?")
+    if not io.is_uri(run.config):
+        return load_config(run.config, overrides)
+    import yaml
+
+    try:
+        values = yaml.safe_load(io.read_bytes(run.config)) or {}
+        return config_from_dict(values, overrides)
+    except (ConfigError, yaml.YAMLError) as e:
+        raise ConfigError(f"{run.config}: {e}") from None
+
+
+def served_method(run_dir: str) -> str:
+    """kard_reranker when the run has a trained reranker, else kard_bm25 (both use the KARD student)."""
+    run = io.RunDir(str(run_dir))
+    if not io.exists(io.join(run.model(STUDENT), "config.json")):
+        raise FileNotFoundError(f"{run.model(STUDENT)} has no trained student (config.json): run the pipeline with "
+                                "method kard_bm25 or kard_reranker first")
+    if not io.exists(run.bm25_index):
+        raise FileNotFoundError(f"{run.bm25_index} not found: the run has no passage index (knowledge stage)")
+    return "kard_reranker" if io.exists(run.model(RERANKER)) else "kard_bm25"
+
+
+def _options(cfg: KardConfig, scale: AutoscalingConfig, *, num_gpus: float = 0.0, min_ongoing: int = 5) -> dict:
+    """Deployment options for one deployment from its `serve.<name>` section."""
+    return {
+        "autoscaling_config": {"min_replicas": scale.min_replicas, "max_replicas": scale.max_replicas,
+                               "target_ongoing_requests": scale.target_ongoing_requests},
+        # Headroom above the autoscaling target, so a replica queues a little instead of refusing.
+        "max_ongoing_requests": max(min_ongoing, math.ceil(2 * scale.target_ongoing_requests)),
+        "ray_actor_options": {"num_cpus": cfg.serve.num_cpus_per_replica, "num_gpus": num_gpus},
+        # Let in-flight requests finish on shutdown / downscale (graceful): one full request budget.
+        "graceful_shutdown_timeout_s": cfg.serve.request_timeout_s + 5.0,
+        "graceful_shutdown_wait_loop_s": 1.0,
+        "health_check_period_s": 10.0,
+        "health_check_timeout_s": 30.0,
+    }
+
+
+def deployment_options(cfg: KardConfig, method: str) -> dict[str, dict]:
+    """Options of each deployment, by name."""
+    s = cfg.serve
+    out = {
+        "Retriever": _options(cfg, s.retriever),
+        "Reranker": _options(cfg, s.reranker),
+        # Room for two full batches per replica, so the next batch fills while one runs.
+        "Generator": _options(cfg, s.generator, num_gpus=s.generator_num_gpus, min_ongoing=2 * s.max_batch_size),
+        # The Ingress only awaits the others: many requests in flight per replica cost it little.
+        "Ingress": _options(cfg, s.ingress, min_ongoing=64),
+    }
+    if method != "kard_reranker":
+        # Bound (so one Serve config fits every run) but never called: no replica unless a config asks for one.
+        out["Reranker"]["autoscaling_config"].update(min_replicas=0, max_replicas=1)
+    return out
+
+
+def app_from_config(cfg: KardConfig, run_dir: Optional[str] = None, method: Optional[str] = None):
+    """The bound application: Ingress(Retriever, Reranker, Generator)."""
+    from kard_ray.serve.deployments import Generator, Ingress, Reranker, Retriever
+
+    run = io.RunDir(str(run_dir or cfg.run_dir))
+    found = served_method(run.root)
+    method = method or found
+    if method not in ("kard_bm25", "kard_reranker"):
+        raise ConfigError(f"method: {method!r} cannot be served; choose kard_bm25 or kard_reranker")
+    if method == "kard_reranker" and found != "kard_reranker":
+        raise FileNotFoundError(f"method=kard_reranker but {run.model(RERANKER)} does not exist")
+    opts = deployment_options(cfg, method)
+    retriever = Retriever.options(**opts["Retriever"]).bind(run.root, cfg)
+    reranker = Reranker.options(**opts["Reranker"]).bind(run.model(RERANKER) if method == "kard_reranker" else None, cfg)
+    generator = Generator.options(**opts["Generator"]).bind(run.model(STUDENT), cfg)
+    settings = {"method": method, "k": cfg.eval.k, "k_star": cfg.reranker.k_star, "limits": Limits.from_config(cfg.serve)}
+    return Ingress.options(**opts["Ingress"]).bind(retriever, reranker, generator, settings)
+
+
+def _override_text(key: str, value: Any) -> str:
+    return f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+
+
+def build_app(args: dict):
+    """Serve application builder (`import_path: kard_ray.serve:build_app`).
+
+    args: `run_dir` (required), optional `method` (kard_bm25 | kard_reranker; default: what the run
+    has), `overrides` (a list of dotted overrides), and any other `dotted.key: value` as an override,
+    so `serve run kard_ray.serve:build_app run_dir=runs/demo serve.max_batch_size=16` works.
+    """
+    args = dict(args or {})
+    run_dir = args.pop("run_dir", None)
+    if not run_dir:
+        raise ConfigError("build_app: args.run_dir is required (the run directory to serve)")
+    method = args.pop("method", None)
+    overrides = args.pop("overrides", None) or []
+    if isinstance(overrides, str):
+        overrides = overrides.split()
+    overrides = [str(o) for o in overrides] + [_override_text(k, v) for k, v in args.items()]
+    cfg = load_run_config(str(run_dir), overrides)
+    return app_from_config(cfg, cfg.run_dir, method)
+
+
+def start(cfg: KardConfig, run_dir: Optional[str] = None, *, name: str = APP_NAME, method: Optional[str] = None):
+    """Start Serve's HTTP proxy on cfg.serve.host:port and deploy the app; returns its handle.
+
+    Ray must already be initialised (`kard_ray.runtime.init_ray`, or a test's session).
+    """
+    from ray import serve
+
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port,
+                              # The proxy's own timeout sits behind ours, so a slow request gets our 504 JSON.
+                              "request_timeout_s": cfg.serve.request_timeout_s + 10.0})
+    app = app_from_config(cfg, run_dir, method)
+    return serve.run(app, name=name, route_prefix=cfg.serve.route_prefix)
+
+
+def serve_run_dir(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """`kard-ray serve <run_dir>`: serve the run until Ctrl-C or SIGTERM, then shut down gracefully."""
+    from ray import serve
+
+    from kard_ray.runtime import init_ray
+
+    cfg = load_run_config(run_dir, list(overrides))
+    method = served_method(cfg.run_dir)
+    init_ray(cfg)
+    start(cfg, cfg.run_dir, method=method)
+    base = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+    print(f"[serve] {cfg.run_dir} ({method}) at {base}/v1/answer — docs {base}/docs — Ctrl-C to stop", flush=True)
+
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        print("[serve] shutting down (in-flight requests finish first)", flush=True)
+        serve.shutdown()
+        print("[serve] stopped", flush=True)

@@ -1,0 +1,288 @@
+"""Serve pieces that need no Ray: request validation, the HTTP error contract, the body limit,
+reading a generation, deployment options from config, and the Serve config YAMLs.
+
+The served app itself (real Ray Serve, real HTTP) is tested in test_serve.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kard_ray.config import ConfigError, load_config
+from kard_ray.serve.api import Limits, answer_fields, field_path, request_models, split_rationale
+
+REPO = Path(__file__).resolve().parents[1]
+SERVE_YAMLS = [REPO / "configs" / "serve.yaml", REPO / "cluster" / "serve_config.yaml"]
+
+
+# ------------------------------------------------------------------------------------------------
+# request models
+
+
+LIMITS = Limits(max_options=4, max_question_chars=50, max_option_chars=10, max_k=5, max_candidates=20)
+GOOD = {"question": "What is the main export of Brax?", "options": ["salt", "tin"]}
+
+
+@pytest.mark.parametrize("body,field", [
+    ({**GOOD, "question": ""}, "question"),
+    ({**GOOD, "question": "   \n"}, "question"),
+    ({**GOOD, "question": "x" * 51}, "question"),
+    ({"options": ["a", "b"]}, "question"),
+    ({**GOOD, "options": ["a"]}, "options"),
+    ({**GOOD, "options": []}, "options"),
+    ({**GOOD, "options": ["a", "b", "c", "d", "e"]}, "options"),
+    ({**GOOD, "options": "a b"}, "options"),
+    ({**GOOD, "options": ["a", " "]}, "options[1]"),
+    ({**GOOD, "options": ["a", "b" * 11]}, "options[1]"),
+    ({**GOOD, "k": 0}, "k"),
+    ({**GOOD, "k": 6}, "k"),
+    ({**GOOD, "candidates": 21}, "candidates"),
+    ({**GOOD, "return_passages": "maybe"}, "return_passages"),
+    ({**GOOD, "option": ["a"]}, "option"),
+])
+def test_request_model_rejects_bad_input_naming_the_field(body, field):
+    from pydantic import ValidationError
+
+    Answer, _ = request_models(LIMITS)
+    with pytest.raises(ValidationError) as e:
+        Answer(**body)
+    assert [field_path(err["loc"]) for err in e.value.errors()][0] == field
+
+
+def test_request_model_keeps_text_exactly_and_fills_defaults():
+    Answer, Retrieve = request_models(LIMITS)
+    req = Answer(question="  Brax?  ", options=["salt ", "tin"])
+    # never stripped: the student must see what offline evaluation saw
+    assert (req.question, req.options, req.k, req.candidates, req.return_passages) == ("  Brax?  ", ["salt ", "tin"], None, None, True)
+    assert not hasattr(Retrieve(**GOOD), "return_passages")
+    schema = Answer.model_json_schema()["properties"]
+    assert schema["options"]["maxItems"] == 4 and schema["options"]["items"]["maxLength"] == 10
+    assert schema["k"]["anyOf"][0]["maximum"] == 5
+
+
+def test_limits_come_from_the_serve_config():
+    cfg = load_config(None, ["serve.max_options=5", "serve.max_body_bytes=1000", "serve.request_timeout_s=2.5", "serve.max_k=3"])
+    lim = Limits.from_config(cfg.serve)
+    assert (lim.max_options, lim.max_body_bytes, lim.request_timeout_s, lim.max_k) == (5, 1000, 2.5, 3)
+    with pytest.raises(ConfigError, match="serve.max_options"):
+        load_config(None, ["serve.max_options=11"])
+
+
+def test_field_path():
+    assert field_path(("body", "options", 2)) == "options[2]"
+    assert field_path(("body", "question")) == "question"
+    assert field_path(("body",)) == "body"
+
+
+@pytest.mark.parametrize("generation,rationale", [
+    ("Brax lies by the sea. The main export of Brax is salt.\nAnswer: A", "Brax lies by the sea. The main export of Brax is salt."),
+    ("The main export of Brax is salt. Answer: A", "The main export of Brax is salt."),  # newline lost in decoding
+    ("Answer: B", ""),
+    ("no answer line at all", "no answer line at all"),
+    ("Answer: A\nbut then more text", "Answer: A\nbut then more text"),  # not a final answer line: keep all
+    ("", ""),
+])
+def test_split_rationale(generation, rationale):
+    assert split_rationale(generation) == rationale
+
+
+def test_answer_fields():
+    assert answer_fields(1, ["salt", "tin"]) == {"answer_index": 1, "answer_letter": "B", "answer_text": "tin"}
+    assert answer_fields(-1, ["salt", "tin"]) == {"answer_index": -1, "answer_letter": None, "answer_text": None}
+    assert answer_fields(5, ["salt", "tin"])["answer_index"] == -1
+
+
+# ------------------------------------------------------------------------------------------------
+# the HTTP contract (FastAPI app in process, no Serve)
+
+
+class _Service:
+    """The app's dependency, in process: echoes, fails or times out as the test asks."""
+
+    method = "kard_bm25"
+
+    def __init__(self):
+        self.mode = "ok"
+
+    async def answer(self, req) -> dict:
+        from kard_ray.serve.http import RequestTimeout
+
+        if self.mode == "boom":
+            raise RuntimeError("secret internal detail /srv/model.bin")
+        if self.mode == "timeout":
+            raise RequestTimeout(0.5, "generate")
+        return {"answer_index": 0, "answer_letter": "A", "answer_text": req.options[0], "rationale": "r",
+                "generation": "r\nAnswer: A", "method": self.method, "passages": [],
+                "timings_ms": {"retrieve": 1.0, "rerank": None, "generate": 2.0}}
+
+    async def retrieve(self, req) -> dict:
+        return {"method": self.method, "query": req.question, "passages": [], "timings_ms": {"retrieve": 1.0}}
+
+    async def ready(self) -> dict:
+        from kard_ray.serve.http import ServiceError
+
+        if self.mode == "down":
+            raise ServiceError(503, "unavailable", "generator is not ready")
+        return {"method": self.method}
+
+
+@pytest.fixture()
+def client():
+    from fastapi.testclient import TestClient
+
+    from kard_ray.serve.http import build_api
+
+    service = _Service()
+    # raise_server_exceptions=False: see what a real client sees when a route raises.
+    with TestClient(build_api(service, Limits(max_body_bytes=300, max_options=4)), raise_server_exceptions=False) as c:
+        c.service = service
+        yield c
+
+
+def _assert_error(r, status: int, error: str, field=None):
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body["error"] == error, body
+    if field is not None:
+        assert body["field"] == field, body
+    assert "Traceback" not in r.text and 'File "' not in r.text
+    return body
+
+
+def test_http_validation_errors_are_json_naming_the_field(client):
+    assert client.post("/v1/answer", json=GOOD).status_code == 200
+    _assert_error(client.post("/v1/answer", json={**GOOD, "question": " "}), 422, "invalid_request", "question")
+    _assert_error(client.post("/v1/answer", json={**GOOD, "options": ["a"] * 5}), 422, "invalid_request", "options")
+    _assert_error(client.post("/v1/answer", content=b"{oops", headers={"content-type": "application/json"}),
+                  422, "invalid_request", "body")
+    _assert_error(client.post("/v1/answer", json=["a", "b"]), 422, "invalid_request", "body")
+    _assert_error(client.post("/v1/answer"), 422, "invalid_request", "body")
+    _assert_error(client.get("/v1/answer"), 405, "method_not_allowed")
+    _assert_error(client.get("/nope"), 404, "not_found")
+
+
+def test_http_body_limit_declared_and_chunked(client):
+    big = {**GOOD, "question": "x" * 400}
+    body = _assert_error(client.post("/v1/answer", json=big), 413, "body_too_large", "body")
+    assert "300" in body["message"]
+
+    def chunks():
+        yield b'{"question": "'
+        for _ in range(10):
+            yield b"y" * 50
+        yield b'", "options": ["a", "b"]}'
+
+    _assert_error(client.post("/v1/answer", content=chunks(), headers={"content-type": "application/json"}),
+                  413, "body_too_large", "body")
+
+    def small():
+        yield b'{"question": "Brax?", '
+        yield b'"options": ["a", "b"]}'
+
+    r = client.post("/v1/answer", content=small(), headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text  # a chunked body under the limit is replayed intact
+
+
+def test_http_internal_errors_and_timeouts_never_leak_internals(client):
+    client.service.mode = "boom"
+    body = _assert_error(client.post("/v1/answer", json=GOOD), 500, "internal_error")
+    assert "secret" not in body["message"] and "request id" in body["message"]
+    client.service.mode = "timeout"
+    body = _assert_error(client.post("/v1/answer", json=GOOD), 504, "timeout")
+    assert "0.5 s" in body["message"]
+    client.service.mode = "down"
+    _assert_error(client.get("/readyz"), 503, "unavailable")
+    assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_openapi_documents_the_routes_and_limits(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/answer", "/v1/retrieve", "/healthz", "/readyz"} <= set(spec["paths"])
+    req = spec["components"]["schemas"]["AnswerRequest"]["properties"]
+    assert req["options"]["maxItems"] == 4
+    assert {"413", "422", "504"} <= set(spec["paths"]["/v1/answer"]["post"]["responses"])
+    assert client.get("/docs").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------
+# deployment options and Serve configs
+
+
+def test_deployment_options_follow_the_config():
+    from kard_ray.serve import deployment_options
+
+    cfg = load_config(None, ["serve.generator_num_gpus=1", "serve.num_cpus_per_replica=0.5", "serve.max_batch_size=16",
+                             "serve.generator.max_replicas=3", "serve.generator.target_ongoing_requests=6",
+                             "serve.request_timeout_s=20"])
+    opts = deployment_options(cfg, "kard_reranker")
+    assert set(opts) == {"Retriever", "Reranker", "Generator", "Ingress"}
+    g = opts["Generator"]
+    assert g["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 6.0}
+    assert g["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1.0}
+    assert g["max_ongoing_requests"] >= 2 * 16  # two full batches can queue
+    assert opts["Retriever"]["ray_actor_options"]["num_gpus"] == 0
+    assert all(o["graceful_shutdown_timeout_s"] > 20 for o in opts.values())
+    assert all(o["max_ongoing_requests"] >= o["autoscaling_config"]["target_ongoing_requests"] for o in opts.values())
+    # without a reranker the Reranker deployment is bound (configs name it) but holds no replica
+    assert deployment_options(cfg, "kard_bm25")["Reranker"]["autoscaling_config"]["min_replicas"] == 0
+
+
+def test_default_graph_fits_a_two_core_machine():
+    from kard_ray.serve import deployment_options
+
+    opts = deployment_options(load_config(str(REPO / "configs" / "demo.yaml")), "kard_reranker")
+    total = sum(o["ray_actor_options"]["num_cpus"] * o["autoscaling_config"]["max_replicas"] for o in opts.values())
+    assert total <= 2.0, total
+
+
+@pytest.mark.parametrize("path", SERVE_YAMLS, ids=lambda p: p.name)
+def test_serve_config_yaml_validates_and_matches_the_app(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    from kard_ray.serve import APP_NAME, DEPLOYMENTS
+    from kard_ray.serve.deployments import Generator, Ingress, Reranker, Retriever
+
+    spec = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    (app,) = spec.applications
+    assert app.name == APP_NAME and app.import_path == "kard_ray.serve:build_app"
+    assert set(app.args) == {"run_dir"}
+    names = {d.name for d in app.deployments}
+    assert names == set(DEPLOYMENTS) == {d.name for d in (Retriever, Reranker, Generator, Ingress)}
+
+
+def test_build_app_errors_name_what_is_missing(tmp_path):
+    from kard_ray.serve import build_app, served_method
+
+    with pytest.raises(ConfigError, match="run_dir"):
+        build_app({})
+    with pytest.raises(ConfigError, match="config.yaml"):
+        build_app({"run_dir": str(tmp_path / "nowhere")})
+    with pytest.raises(FileNotFoundError, match="student_kard"):
+        served_method(str(tmp_path))
+
+
+def test_build_app_from_args_binds_the_graph(tmp_path):
+    """A run directory's config + args overrides -> the bound app (binding loads no model)."""
+    from kard_ray.config import load_config as load
+    from kard_ray.serve import build_app, load_run_config, served_method
+
+    run = tmp_path / "run"
+    (run / "models" / "student_kard").mkdir(parents=True)
+    (run / "models" / "student_kard" / "config.json").write_text("{}")
+    (run / "index" / "bm25").mkdir(parents=True)
+    (run / "config.yaml").write_text(load(None, ["run_dir=/somewhere/else"]).to_yaml())
+    assert served_method(str(run)) == "kard_bm25"
+    (run / "models" / "reranker").mkdir()
+    assert served_method(str(run)) == "kard_reranker"
+
+    cfg = load_run_config(str(run), ["serve.max_batch_size=4"])
+    assert cfg.run_dir == str(run) and cfg.serve.max_batch_size == 4  # the served dir wins over the stored one
+    app = build_app({"run_dir": str(run), "serve.max_k": "7", "method": "kard_bm25"})
+    assert type(app).__name__ == "Application"
+    with pytest.raises(ConfigError, match="serve.max_kk"):
+        build_app({"run_dir": str(run), "serve.max_kk": "7"})
+    with pytest.raises(ConfigError, match="method"):
+        build_app({"run_dir": str(run), "method": "rd"})
