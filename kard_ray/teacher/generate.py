@@ -150,6 +150,8 @@ def generate_rationales(cfg: KardConfig, run: RunDir) -> dict:
             written += len(rest)
         repaired += store.repair()  # drop error rows that retried successes replaced
 
+    if not store.parts():  # readers of run.rationales get an empty table, not a missing directory
+        store.write_empty()
     table = store.read()
     gold = {q["id"]: int(q["answer"]) for q in questions}
     stats = rationale_stats(table, gold, verifier=t.verifier_model is not None)

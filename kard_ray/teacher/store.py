@@ -99,6 +99,10 @@ class RationaleStore:
         digest = hashlib.sha1(repr(keys).encode()).hexdigest()[:20]
         return self._atomic_write(table, f"part-{digest}.parquet")
 
+    def write_empty(self) -> str:
+        """An empty part in the RATIONALES schema (a run that produced no rows still reads back)."""
+        return self._atomic_write(RATIONALES.empty_table(), "part-empty.parquet")
+
     # -- repair ------------------------------------------------------------------------------
     def repair(self) -> int:
         """Make (question_id, sample) unique across parts; returns the number of rows removed.

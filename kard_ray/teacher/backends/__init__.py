@@ -42,11 +42,23 @@ class ImportBackend(Backend):
     records: dict[str, TeacherRecord] = field(default_factory=dict)
 
     def __post_init__(self):
+        from kard_ray import io
+
+        if not io.exists(self.path):
+            hint = ("run the questions stage first (it writes the synthetic task's rationales)"
+                    if self.name == "synthetic" else "check teacher.import_path")
+            raise FileNotFoundError(f"teacher.backend={self.name}: {self.path} not found; {hint}")
         self.records = load_teacher_records(self.path)
 
     def expected(self, questions: list[dict]) -> dict[str, list[int]]:
         # Up to n_samples of what the file holds; a question the file lacks expects nothing.
         n = self.cfg.teacher.n_samples
+        ids = {q["id"] for q in questions}
+        missing = len(ids - set(self.records))
+        unknown = len(set(self.records) - ids)
+        if missing or unknown:
+            print(f"[teacher] {self.path}: {missing} training questions have no rationales there; "
+                  f"{unknown} of its ids are not training questions (ignored)", flush=True)
         return {q["id"]: list(range(min(n, len(self.records[q["id"]].texts))))
                 for q in questions if q["id"] in self.records}
 

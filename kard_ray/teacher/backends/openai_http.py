@@ -2,12 +2,15 @@
 
 Why not `ray.data.llm.HttpRequestProcessorConfig` (read in ray 2.60's http_request_stage.py): it
 retries 408/429/502/503/504 but not 500; its `qps` is an int (no 0.5 rps) paced per batch from the
-batch's start, not across the stage; it fires a batch's requests without a concurrency bound; and a
+batch's start, not across the stage; it fires a batch's requests without a concurrency bound; a
 row that exhausts its retries raises RuntimeError, failing the whole dataset instead of recording
-the row. Here each actor owns an httpx.AsyncClient, a semaphore (max in-flight requests) and a token
-bucket (requests per second), both the stage's budgets divided by the number of actors; every
-request is retried on 429, 408, 5xx, timeouts and connection errors with exponential backoff and
-jitter (honouring Retry-After); a question that still fails becomes rows carrying the error.
+the row; and the key would sit in the config's `headers`, a pydantic model that is printed in reprs.
+
+Here each actor (an async UDF: Ray Data runs several of its batches at once) owns an
+httpx.AsyncClient, a semaphore (requests in flight) and a token bucket (requests per second), the
+stage's budgets divided by the number of actors. Every request is retried on 429, 408, 409, 425,
+5xx, timeouts and connection errors with exponential backoff and jitter (honouring Retry-After);
+a question that still fails becomes rows carrying the error.
 
 The API key is read once in the driver from the environment variable named in the config and
 handed to the actors wrapped in `Secret`, whose repr is masked: it never appears in logs, rows,
@@ -17,6 +20,7 @@ error messages or files.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import time
@@ -115,7 +119,6 @@ class OpenAIChatUDF:
         self.max_tokens = max_tokens
         self.max_topups = max_topups
         self.bucket = TokenBucket(requests_per_second)
-        self._loop = asyncio.new_event_loop()
         self._client = None
         self._sem: Optional[asyncio.Semaphore] = None
         self.requests_sent = 0
@@ -132,20 +135,18 @@ class OpenAIChatUDF:
             msg = msg.replace(self._key.get(), "****")
         return msg
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        out = self._loop.run_until_complete(self._run(rows))
-        return to_table(out)
-
-    async def _run(self, rows: list[dict]) -> list[dict]:
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        """An async UDF: Ray Data runs several batches of one actor concurrently on its event loop,
+        so a batch waiting on a slow or retried request does not idle the actor; the semaphore and
+        the token bucket are shared by all of them."""
         import httpx
 
         if self._client is None:  # created inside the actor's loop, reused across batches
             limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
             self._client = httpx.AsyncClient(timeout=self.timeout_s, limits=limits)
             self._sem = asyncio.Semaphore(self.max_concurrency)
-        results = await asyncio.gather(*(self._question(r) for r in rows))
-        return [row for rs in results for row in rs]
+        results = await asyncio.gather(*(self._question(r) for r in batch.to_pylist()))
+        return to_table([row for rs in results for row in rs])
 
     # -- one question ------------------------------------------------------------------------
     async def _question(self, q: dict) -> list[dict]:
@@ -230,13 +231,17 @@ def openai_stage_kwargs(cfg) -> dict:
 
     o = cfg.teacher.openai
     api_key = read_api_key(o.api_key_env)
+    per_actor = max(1, o.max_concurrency // o.num_actors)
+    # Batches in flight per actor: enough that the semaphore, not a straggling batch, is the limit.
+    calls = max(2, 2 * math.ceil(per_actor / o.batch_size))
     return dict(
         fn_constructor_kwargs=dict(
             base_url=o.base_url, model=cfg.teacher.model, api_key=api_key,
             requests_per_second=o.requests_per_second / o.num_actors,
-            max_concurrency=max(1, o.max_concurrency // o.num_actors), max_retries=o.max_retries,
+            max_concurrency=per_actor, max_retries=o.max_retries,
             backoff_s=o.backoff_s, timeout_s=o.timeout_s, temperature=cfg.teacher.temperature,
             max_tokens=cfg.teacher.max_tokens),
-        compute=ray.data.ActorPoolStrategy(size=o.num_actors),
+        compute=ray.data.ActorPoolStrategy(size=o.num_actors, max_concurrent_calls_per_actor=calls,
+                                           max_tasks_in_flight_per_actor=calls),
         batch_size=o.batch_size, batch_format="pyarrow", num_cpus=o.num_cpus_per_actor,
     )

@@ -1,0 +1,227 @@
+"""The `openai` backend against a real OpenAI-compatible HTTP server (tests/teacher_server.py) that
+serves the tiny T5 and injects 429, 500, slow responses and a non-retryable 400: retries, per-row
+errors, key handling, and a generation job killed with SIGKILL then resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pyarrow as pa
+import pytest
+import yaml
+
+from kard_ray import io
+from kard_ray.config import config_from_dict
+from kard_ray.data import schemas
+from kard_ray.io import RunDir
+from kard_ray.teacher import generate_rationales
+from kard_ray.teacher.store import RationaleStore
+
+REPO = Path(__file__).resolve().parents[1]
+KEY_ENV = "TEACHER_TEST_API_KEY"
+KEY = "sk-test-7f3a9c1e55d04b2f"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, tiny_t5_dir):
+    """The fault-injecting chat-completions server in a subprocess; yields (base_url, log path)."""
+    log = tmp_path_factory.mktemp("server") / "requests.jsonl"
+    log.touch()
+    port = _free_port()
+    os.environ[KEY_ENV] = KEY
+    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "teacher_server.py"), "--model", tiny_t5_dir,
+                             "--port", str(port), "--log", str(log), "--api-key-env", KEY_ENV, "--slow-s", "1.5"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            if httpx.get(base + "/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"test server did not start: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.3)
+    yield base + "/v1", log
+    proc.terminate()
+    proc.wait(timeout=20)
+    os.environ.pop(KEY_ENV, None)
+
+
+def _log_entries(log: Path, start: int = 0) -> list[dict]:
+    return [json.loads(line) for line in log.read_text().splitlines()[start:] if line.strip()]
+
+
+def _teacher_cfg(base_url: str, **openai) -> dict:
+    o = {"base_url": base_url, "api_key_env": KEY_ENV, "requests_per_second": 20.0, "max_concurrency": 4,
+         "max_retries": 4, "backoff_s": 0.05, "timeout_s": 1.0, "batch_size": 4}
+    o.update(openai)
+    return {"backend": "openai", "model": "tiny-teacher", "n_samples": 2, "max_tokens": 8, "openai": o}
+
+
+def test_rate_limiter_backoff_and_secret():
+    import asyncio
+
+    from kard_ray.teacher.backends.openai_http import Secret, TokenBucket, backoff_delay
+
+    async def acquire_all(bucket: TokenBucket, n: int) -> float:
+        t0 = time.monotonic()
+        await asyncio.gather(*(bucket.acquire() for _ in range(n)))
+        return time.monotonic() - t0
+
+    # 9 requests at 20/s from a full bucket of one: at least 8 waits of 50 ms
+    assert asyncio.run(acquire_all(TokenBucket(20.0), 9)) >= 0.38
+    for attempt in range(6):
+        d = backoff_delay(attempt, 0.5, None)
+        assert 0.25 * 2 ** attempt <= d <= min(60.0, 0.5 * 2 ** attempt)
+    assert backoff_delay(0, 0.1, retry_after=3.0) == 3.0  # the server's Retry-After wins
+    assert backoff_delay(10, 1.0, None) == 60.0  # capped
+    s = Secret("sk-very-secret")
+    assert "sk-very-secret" not in repr(s) + str(s) + repr({"api_key": s}) and s.get() == "sk-very-secret"
+
+
+@pytest.mark.timeout(240)
+def test_openai_retries_and_row_errors(ray_session, server, tmp_path, synthetic_task, capfd):
+    base_url, log = server
+    start = len(_log_entries(log))
+    qs = [dict(q) for q in synthetic_task.train_questions[:10]]
+    qs[3]["question"] += " POISON"  # the server answers 400: not retryable, recorded with its error
+    qs[5]["question"] += " HALF"  # the server returns 1 of the 2 choices: a follow-up request gets the other
+    run = RunDir(str(tmp_path / "run"))
+    io.write_table(pa.Table.from_pylist(qs, schema=schemas.QUESTIONS), run.questions("train"))
+    cfg = config_from_dict({"run_dir": run.root, "teacher": _teacher_cfg(base_url)})
+    stats = generate_rationales(cfg, run)
+
+    table = io.read_table(run.rationales)
+    rows = {(r["question_id"], r["sample"]): r for r in table.to_pylist()}
+    assert table.num_rows == 20 and len(rows) == 20
+    for q in qs:
+        for s in range(2):
+            r = rows[(q["id"], s)]
+            if q is qs[3]:
+                assert r["error"].startswith("HTTP 400") and r["text"] == ""
+            else:
+                assert r["error"] is None and isinstance(r["text"], str) and r["completion_tokens"] >= 1
+    assert stats["errors"] == 2 and stats["n_rationales"] == 18
+    assert stats["prompt_tokens"] > 0 and stats["completion_tokens"] > 0
+    entries = _log_entries(log, start)
+    statuses = [e["status"] for e in entries]
+    # faults really happened and were retried: 429s, 500s and at least one timed-out request
+    assert statuses.count(429) >= 1 and statuses.count(500) >= 2
+    assert any(e.get("slow") for e in entries), "no request was slow enough to time out"
+    assert statuses.count(400) == 1  # 400 is not retried
+    ok = [e for e in entries if e["status"] == 200 and not e.get("slow")]
+    # one successful request per question, two for the HALF one (asking n=2, then n=1)
+    assert len(ok) == 10 and len({e["question"] for e in ok}) == 9
+    assert sorted(e["samples"] for e in ok if e["question"] == qs[5]["question"]) == [1, 2]
+
+    # the key is never logged or written
+    out, err = capfd.readouterr()
+    assert KEY not in out and KEY not in err
+    files = [f for f in Path(run.root).rglob("*") if f.is_file()]
+    try:  # Ray's own logs of this session (private API: skipped if it moves)
+        files += [f for f in Path(ray_session._private.worker._global_node.get_session_dir_path()).rglob("*")
+                  if f.is_file() and f.stat().st_size < 50_000_000]
+    except AttributeError:
+        pass
+    for f in files:
+        try:
+            assert KEY.encode() not in f.read_bytes(), f
+        except OSError:  # sockets, files rotated away meanwhile
+            pass
+
+    # rerun: finished rows are skipped; the error rows are retried (retry_errors) and stay errors
+    before = len(_log_entries(log))
+    again = generate_rationales(cfg, run)
+    new = _log_entries(log, before)
+    assert [e["status"] for e in new] == [400]
+    assert again["this_run"]["rows_written"] == 2 and again["this_run"]["rows_skipped"] == 20
+    assert io.read_table(run.rationales).num_rows == 20  # the old error rows were replaced, not added
+
+
+def test_openai_missing_key_fails_fast(tmp_path, server):
+    run = RunDir(str(tmp_path / "run"))
+    io.write_table(pa.Table.from_pylist([{"id": "q", "dataset": "synthetic", "split": "train", "question": "Q?",
+                                          "options": ["a", "b"], "answer": 0}], schema=schemas.QUESTIONS),
+                   run.questions("train"))
+    t = _teacher_cfg(server[0], api_key_env="TEACHER_TEST_UNSET_KEY")
+    cfg = config_from_dict({"run_dir": run.root, "teacher": t})
+    with pytest.raises(ValueError, match="TEACHER_TEST_UNSET_KEY.*is not set"):
+        generate_rationales(cfg, run)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(420)
+def test_killed_job_resumes_without_duplicates(ray_session, server, tmp_path, synthetic_task):
+    """SIGKILL the generation job midway, rerun it: the set completes, nothing is duplicated, and no
+    row written before the kill is requested from the server again."""
+    base_url, log = server
+    qs = synthetic_task.train_questions[10:34]
+    run = RunDir(str(tmp_path / "run"))
+    io.write_table(pa.Table.from_pylist(qs, schema=schemas.QUESTIONS), run.questions("train"))
+    address = ray_session.get_runtime_context().gcs_address
+    config = {"run_dir": run.root, "resources": {"address": address},
+              "teacher": _teacher_cfg(base_url, requests_per_second=4.0, max_concurrency=2, batch_size=2)}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    cmd = [sys.executable, str(REPO / "jobs" / "generate_rationales.py"), "--config", str(cfg_path)]
+    env = {**os.environ, KEY_ENV: KEY}
+    job_log = tmp_path / "job1.log"
+
+    start = len(_log_entries(log))
+    with open(job_log, "wb") as fh:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+    store = RationaleStore(run.rationales)
+    deadline = time.time() + 240
+    while len(store.parts()) < 3:
+        assert proc.poll() is None, f"the job ended before it could be killed:\n{job_log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no parts written:\n{job_log.read_text()[-3000:]}"
+        time.sleep(0.1)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    kill_mark = len(_log_entries(log))
+    # the stage's request rate stayed within teacher.openai.requests_per_second (4/s), retries included
+    first_run = _log_entries(log, start)
+    span = first_run[-1]["t"] - first_run[0]["t"]
+    assert len(first_run) >= 6 and (len(first_run) - 1) / span <= 4.0 * 1.5, (len(first_run), span)
+
+    before = io.read_table(run.rationales)
+    written = {(r["question_id"], r["sample"]): r["text"] for r in before.to_pylist()}
+    written_q = {q for q, _ in written}
+    assert 0 < len(written_q) < len(qs), "the kill should land midway"
+    assert len(written) == before.num_rows == 2 * len(written_q)  # whole questions only
+
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stdout.decode()[-3000:] + rerun.stderr.decode()[-3000:]
+    assert KEY not in rerun.stdout.decode() + rerun.stderr.decode()
+
+    after = io.read_table(run.rationales)
+    keys = list(zip(after["question_id"].to_pylist(), after["sample"].to_pylist()))
+    assert len(keys) == len(set(keys)) == 2 * len(qs)
+    assert after["error"].null_count == after.num_rows
+    # rows written before the kill are untouched ...
+    texts = dict(zip(keys, after["text"].to_pylist()))
+    assert all(texts[k] == v for k, v in written.items())
+    # ... and never requested again: the server's successful answers after the kill are for the others
+    text_of = {q["question"]: q["id"] for q in qs}
+    served_after = {text_of[e["question"]] for e in _log_entries(log, kill_mark)
+                    if e["status"] == 200 and not e.get("slow") and e["question"] in text_of}
+    assert served_after and not (served_after & written_q)
+    stats = json.loads(Path(run.path("rationales_stats.json")).read_text())
+    assert stats["this_run"]["rows_skipped"] == len(written) and stats["n_rationales"] == 2 * len(qs)
