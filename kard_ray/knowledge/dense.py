@@ -179,9 +179,8 @@ def build_faiss_from_parquet(embeddings_path: str, index_path: str, cfg: DenseCo
     n = _count_rows(embeddings_path)
     if n == 0:
         raise ValueError(f"no embeddings under {embeddings_path}")
-    first_ids, first = next(_iter_embeddings(embeddings_path, 1))
-    d = first.shape[1]
-    index, quantizer = _make_index(d, n, cfg)
+    d = next(_iter_embeddings(embeddings_path, 1))[1].shape[1]
+    index, _quantizer = _make_index(d, n, cfg)  # keep the quantizer alive with the index
     nlist = int(index.nlist) if hasattr(index, "nlist") else 0
     use_gpu = cfg.use_gpu_index and cfg.index_type != "hnsw" and _gpu_available()
     if cfg.use_gpu_index and not use_gpu:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import io as _io
 import json
-import os
 import posixpath
 import time
 from typing import Any, Iterator
