@@ -265,9 +265,10 @@ def test_ingest_corpus_formats_rejections_dedup_and_ids(ray_session, tmp_path):
                              "text": ["a passage read from parquet", None]}), corpus / "c.parquet")
     (corpus / "notes.txt").write_text("ignored: not a corpus suffix")
 
-    run = io.RunDir(str(tmp_path / "run"))
+    # pyarrow-filesystem URIs for the corpus and the run directory (local paths: the tests below)
+    run = io.RunDir(f"file://{tmp_path}/run")
     cfg = KnowledgeConfig(words_per_passage=100)
-    counts = ingest_corpus([str(corpus)], run, cfg, max_rejected_fraction=0.5)
+    counts = ingest_corpus([f"file://{corpus}"], run, cfg, max_rejected_fraction=0.5)
     assert counts["rejected"] == 4  # bad JSON, blank text, numeric title, null text (parquet)
     assert counts["documents"] == 7 and counts["duplicates"] == 1 and counts["renamed_ids"] == 1
     passages = {r["id"]: r for r in io.read_table(run.passages).to_pylist()}
@@ -287,7 +288,7 @@ def test_ingest_corpus_formats_rejections_dedup_and_ids(ray_session, tmp_path):
 
     # rerun replaces (not appends) passages and rejections; a strict threshold fails the stage
     with pytest.raises(RejectedShareError, match="4/11 rows rejected"):
-        ingest_corpus([str(corpus)], run, cfg, max_rejected_fraction=0.01)
+        ingest_corpus([f"file://{corpus}"], run, cfg, max_rejected_fraction=0.01)
     assert len(io.read_table(run.rejected)) == 4
     with pytest.raises(ValueError, match="unsupported corpus file"):
         ingest_corpus([str(corpus / "notes.txt")], run, cfg)
