@@ -1,0 +1,403 @@
+"""Neural reranker distillation (KARD.md §4): mine candidates, train on the trainer core, rerank, evaluate.
+
+At inference only the question exists; the passages it retrieves are often not the ones its rationale
+needs. The reranker learns, from the question (+ options) alone, to score candidates the way BM25
+with the unseen rationale would:
+
+    path = mine_candidates(cfg, run)                 # Ray Data: candidates + silver scores (reranker_mining)
+    result = train_reranker(cfg, run, init_model)    # core.train -> run.model("reranker") -> Hits@k
+    rr = Reranker.from_dir(run.model("reranker"))    # online: rr.rerank(query, ["Title . text", ...])
+    ds = rerank_dataset(ds, run.model("reranker"), cfg, k=1)   # batch: Ray Data actor pool
+
+Training step (one `TrainTask` on `kard_ray.training.core`, the same loop, strategies, checkpoints
+and export as the student): the collate function tokenises each example's whole candidate pool (in
+Ray Data's prefetch thread); the loss function then samples `n_from_rationale` candidates from the
+rationale's top-K and `n_from_question` from the question's top-K (distinct passages; topped up from
+the rest of the pool when the lists overlap) with an RNG keyed by (seed, step, example), so a resumed
+run samples exactly what an uninterrupted one would, and scores only those. Loss over the sampled
+candidates (`reranker.loss`):
+
+    kl: KL( softmax(silver / tau_silver) || softmax(score / tau_model) )      (the paper)
+    ce: cross-entropy of softmax(score / tau_model) to the best-silver candidate  (the authors' code)
+
+tau_model is fixed, or (`tau_anneal`) decreases linearly to `tau_min` > 0 over the run — the
+authors' schedule could go negative; this one never goes below its floor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Optional
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from kard_ray import io
+from kard_ray.config import KardConfig, RerankerConfig
+from kard_ray.io import RunDir
+from kard_ray.training.core import TrainTask, make_plan, train
+from kard_ray.training.reranker_mining import (
+    EXAMPLES_SCHEMA, EvalCandidates, eval_inputs, examples_current, mine_candidates)
+from kard_ray.training.reranker_models import (
+    ARCHITECTURES, Reranker, build_reranker, encode_pairs, encode_texts, load_reranker_tokenizer, save_reranker)
+
+__all__ = ["EXAMPLES_SCHEMA", "Reranker", "evaluate_reranker", "listwise_loss", "mine_candidates", "rerank_dataset",
+           "reranker_task", "sample_candidates", "tau_model_at", "train_reranker"]
+
+HITS_AT = (1, 3, 5, 10)
+METRICS_FILE = "reranker_metrics.json"
+TRAIN_COLUMNS = ["question_id", "sample", "query", "candidate_titles", "candidate_texts", "silver",
+                 "from_rationale", "from_question"]
+_MASKED = -1e9  # finite "minus infinity": exp() underflows to 0 without inf - inf = nan in gradients
+
+
+# ------------------------------------------------------------------------------------------------
+# losses, temperatures, sampling
+
+
+def tau_model_at(cfg: RerankerConfig, step: int, total_steps: int) -> float:
+    """The model temperature at `step`: fixed, or linear from tau_model down to tau_min (never below)."""
+    if not cfg.tau_anneal or cfg.tau_model <= cfg.tau_min:
+        return cfg.tau_model
+    frac = min(max(step, 0) / max(total_steps, 1), 1.0)
+    return max(cfg.tau_min, cfg.tau_model - (cfg.tau_model - cfg.tau_min) * frac)
+
+
+def listwise_loss(scores: torch.Tensor, silver: torch.Tensor, mask: torch.Tensor, kind: str,
+                  tau_silver: float, tau_model: float) -> torch.Tensor:
+    """Mean over examples of the listwise loss on [B, n] scores; `mask` marks real candidates.
+
+    kl: sum_i p_i (log p_i - log q_i), p = softmax(silver / tau_silver), q = softmax(scores / tau_model)
+    ce: -log q_best, best = argmax of silver among the candidates
+    """
+    mask = mask.bool()
+    logits = (scores.float() / tau_model).masked_fill(~mask, _MASKED)
+    log_q = torch.log_softmax(logits, dim=-1)
+    if kind == "kl":
+        target = (silver.float() / tau_silver).masked_fill(~mask, _MASKED)
+        log_p = torch.log_softmax(target, dim=-1)
+        per = (log_p.exp() * torch.where(mask, log_p - log_q, torch.zeros_like(log_q))).sum(dim=-1)
+    elif kind == "ce":
+        best = silver.float().masked_fill(~mask, _MASKED).argmax(dim=-1)
+        per = -log_q.gather(1, best[:, None]).squeeze(1)
+    else:
+        raise ValueError(f"reranker loss {kind!r}: expected 'kl' or 'ce'")
+    return per.mean()
+
+
+def sample_candidates(from_rationale: np.ndarray, from_question: np.ndarray, n_rationale: int, n_question: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Pool positions for one training step: `n_rationale` from the rationale's list, `n_question` from the
+    question's (excluding those already drawn), topped up from the rest of the pool when a list runs
+    short, so the step sees `n_rationale + n_question` distinct passages whenever the pool has them."""
+    pool = len(from_rationale)
+    r_idx = np.flatnonzero(from_rationale)
+    chosen = rng.choice(r_idx, size=min(n_rationale, len(r_idx)), replace=False) if len(r_idx) else r_idx
+    q_idx = np.setdiff1d(np.flatnonzero(from_question), chosen)
+    if len(q_idx):
+        chosen = np.concatenate([chosen, rng.choice(q_idx, size=min(n_question, len(q_idx)), replace=False)])
+    short = n_rationale + n_question - len(chosen)
+    if short > 0:
+        rest = np.setdiff1d(np.arange(pool), chosen)
+        if len(rest):
+            chosen = np.concatenate([chosen, rng.choice(rest, size=min(short, len(rest)), replace=False)])
+    return chosen.astype(np.int64)
+
+
+def example_key(question_id: str, sample: int) -> int:
+    """A 63-bit key of an example: seeds its candidate sampling independently of batch composition."""
+    digest = hashlib.blake2b(f"{question_id}\x1f{int(sample)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+# ------------------------------------------------------------------------------------------------
+# the TrainTask
+
+
+def _passage(title, text) -> str:
+    from kard_ray.knowledge import format_passage
+
+    return format_passage(title, text)
+
+
+class RerankCollate:
+    """Numpy rows of reranker examples -> tensors of every candidate of every example.
+
+    Example-level: silver, pool_mask, from_rationale, from_question ([B, P], P = largest pool),
+    pool_size and key ([B]). Cross-encoder: (query, passage) pairs `input_ids` etc. [T, L], example-major
+    (T = sum of pool sizes). Late interaction: `q_*` [B, Lq] and passages `d_*` [T, L].
+    """
+
+    def __init__(self, tokenizer_path: str, architecture: str, max_length: int, max_query_length: int):
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"reranker architecture {architecture!r}: expected one of {ARCHITECTURES}")
+        self.tokenizer_path, self.architecture = tokenizer_path, architecture
+        self.max_length, self.max_query_length = max_length, max_query_length
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        tok = load_reranker_tokenizer(self.tokenizer_path)
+        queries = [str(q) for q in batch["query"]]
+        sizes = np.array([len(x) for x in batch["silver"]], dtype=np.int64)
+        b, p = len(queries), int(sizes.max())
+        silver = np.zeros((b, p), np.float32)
+        mask, from_r, from_q = (np.zeros((b, p), bool) for _ in range(3))
+        passages = []
+        for i in range(b):
+            n = sizes[i]
+            silver[i, :n] = np.asarray(batch["silver"][i], np.float32)
+            mask[i, :n] = True
+            from_r[i, :n] = np.asarray(batch["from_rationale"][i], bool)
+            from_q[i, :n] = np.asarray(batch["from_question"][i], bool)
+            passages += [_passage(t, x) for t, x in zip(batch["candidate_titles"][i], batch["candidate_texts"][i])]
+        keys = np.array([example_key(q, s) for q, s in zip(batch["question_id"], batch["sample"])], np.int64)
+        out = {"silver": silver, "pool_mask": mask, "from_rationale": from_r, "from_question": from_q,
+               "pool_size": sizes, "key": keys}
+        if self.architecture == "cross_encoder":
+            out.update(encode_pairs(tok, np.repeat(queries, sizes).tolist(), passages, self.max_length))
+        else:
+            out.update({f"q_{k}": v for k, v in encode_texts(tok, queries, self.max_query_length).items()})
+            out.update({f"d_{k}": v for k, v in encode_texts(tok, passages, self.max_length).items()})
+        return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+def _trim(t: torch.Tensor, length: int) -> torch.Tensor:
+    return t[:, :length]
+
+
+class RerankerLoss:
+    """loss_fn(model, batch, step): sample candidates per example, score them, listwise loss."""
+
+    def __init__(self, cfg: RerankerConfig, total_steps: int, seed: int):
+        self.architecture, self.kind = cfg.architecture, cfg.loss
+        self.n_r, self.n_q = cfg.n_from_rationale, cfg.n_from_question
+        self.tau_silver = cfg.tau_silver
+        self.cfg, self.total_steps, self.seed = cfg, total_steps, seed
+
+    def select(self, batch: dict[str, torch.Tensor], step: int) -> np.ndarray:
+        """[B, n] pool positions of the step's candidates, -1 where an example has fewer."""
+        from_r = batch["from_rationale"].cpu().numpy()
+        from_q = batch["from_question"].cpu().numpy()
+        sizes = batch["pool_size"].cpu().numpy()
+        keys = batch["key"].cpu().numpy()
+        n = self.n_r + self.n_q
+        slots = np.full((len(sizes), n), -1, np.int64)
+        for i, size in enumerate(sizes):
+            rng = np.random.default_rng([self.seed, int(step), int(keys[i])])
+            chosen = sample_candidates(from_r[i, :size], from_q[i, :size], self.n_r, self.n_q, rng)
+            slots[i, :len(chosen)] = chosen
+        return slots
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int):
+        slots = self.select(batch, step)
+        valid = slots >= 0
+        offsets = np.concatenate([[0], np.cumsum(batch["pool_size"].cpu().numpy())[:-1]])
+        pair_rows = (offsets[:, None] + slots)[valid]  # rows of the flattened pool, example-major
+        device = batch["silver"].device
+        rows = torch.from_numpy(pair_rows).to(device)
+        if self.architecture == "cross_encoder":
+            mask = batch["attention_mask"][rows]
+            length = int(mask.sum(dim=1).max())
+            kw = {"input_ids": _trim(batch["input_ids"][rows], length), "attention_mask": _trim(mask, length)}
+            if "token_type_ids" in batch:
+                kw["token_type_ids"] = _trim(batch["token_type_ids"][rows], length)
+            flat = model(**kw)
+            n_tokens = kw["attention_mask"].sum()
+        else:
+            d_mask = batch["d_attention_mask"][rows]
+            length = int(d_mask.sum(dim=1).max())
+            kw = {"q_input_ids": batch["q_input_ids"], "q_attention_mask": batch["q_attention_mask"],
+                  "d_input_ids": _trim(batch["d_input_ids"][rows], length), "d_attention_mask": _trim(d_mask, length),
+                  "d_query_index": torch.from_numpy(np.nonzero(valid)[0]).to(device)}
+            if "q_token_type_ids" in batch:
+                kw["q_token_type_ids"] = batch["q_token_type_ids"]
+                kw["d_token_type_ids"] = _trim(batch["d_token_type_ids"][rows], length)
+            flat = model(**kw)
+            n_tokens = kw["d_attention_mask"].sum() + batch["q_attention_mask"].sum()
+        valid_t = torch.from_numpy(valid).to(device)
+        scores = torch.zeros(valid.shape, dtype=flat.dtype, device=device)
+        scores = scores.masked_scatter(valid_t, flat)  # row-major, the order of pair_rows
+        silver = torch.gather(batch["silver"], 1, torch.from_numpy(np.maximum(slots, 0)).to(device))
+        tau_m = tau_model_at(self.cfg, step, self.total_steps)
+        return listwise_loss(scores, silver, valid_t, self.kind, self.tau_silver, tau_m), n_tokens
+
+
+class RerankerBuild:
+    def __call__(self, model_config: dict) -> torch.nn.Module:
+        return build_reranker(model_config["architecture"], model_config["init_model"], model_config["colbert_dim"])
+
+
+class RerankerExport:
+    """Weights + tokenizer + kard_reranker.json (architecture, lengths, training settings)."""
+
+    def __init__(self, tokenizer_path: str, meta: dict):
+        self.tokenizer_path, self.meta = tokenizer_path, meta
+
+    def __call__(self, model: torch.nn.Module, directory: str) -> None:
+        save_reranker(model, directory, load_reranker_tokenizer(self.tokenizer_path), self.meta)
+
+
+def reranker_task(cfg: RerankerConfig, init_model: str, total_steps: int, seed: int) -> TrainTask:
+    meta = {"init_model": init_model, "max_length": cfg.max_length, "max_query_length": cfg.max_query_length,
+            "loss": cfg.loss, "query": "question + options (kard_ray.evaluation.evaluate.question_query)",
+            "passage": "Title . text (kard_ray.knowledge.format_passage)"}
+    load_reranker_tokenizer(init_model)  # fail here, not inside a worker, when the tokenizer is unusable
+    return TrainTask(build_model=RerankerBuild(), loss_fn=RerankerLoss(cfg, total_steps, seed),
+                     collate_fn=RerankCollate(init_model, cfg.architecture, cfg.max_length, cfg.max_query_length),
+                     export_fn=RerankerExport(init_model, meta))
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+
+def reranker_dataset(cfg: KardConfig, run: RunDir):
+    """The mined examples (mined first when missing or stale), shuffled once and materialised."""
+    import ray
+
+    if not examples_current(cfg, run):
+        mine_candidates(cfg, run)
+    ds = ray.data.read_parquet(run.examples("reranker"), file_extensions=["parquet"]).select_columns(TRAIN_COLUMNS)
+    return ds.random_shuffle(seed=cfg.seed).materialize()
+
+
+def train_reranker(cfg: KardConfig, run: RunDir, init_model: str, *, resume: bool = True,
+                   fail_at_step: Optional[int] = None, evaluate: bool = True) -> dict:
+    """Mine (if needed), train on the core, export to run.model("reranker"), evaluate Hits@k.
+
+    init_model: HF encoder name or local/URI path with its tokenizer (for `reranker.model: tiny` the
+    pipeline first saves one with `kard_ray.models.save_tiny_model`). Returns the core's result
+    ({"steps", "final_loss", "loss_curve", "samples_per_s", ...}) plus "examples", "model_dir",
+    "hits" ({"bm25": {"hits@1": ..}, "reranker": {..}}) and "eval" (the whole metrics file).
+    """
+    rc = cfg.reranker
+    if init_model == "tiny":
+        raise ValueError("init_model='tiny': build it first (kard_ray.models.save_tiny_model) and pass its path")
+    ds = reranker_dataset(cfg, run)
+    n_rows = ds.count()
+    model_config = {"init_model": init_model, "architecture": rc.architecture, "colbert_dim": rc.colbert_dim}
+    plan = make_plan(rc, n_rows, model_config)
+    task = reranker_task(rc, init_model, plan.total_steps, cfg.seed)
+    out = run.model("reranker")
+    result = train(task, ds, rc, output_dir=out, storage_path=cfg.resources.storage_path or run.checkpoints,
+                   name="reranker", model_config=model_config, seed=cfg.seed, resume=resume, fail_at_step=fail_at_step)
+    result.update({"examples": n_rows, "model_dir": out, "architecture": rc.architecture, "loss": rc.loss})
+    if evaluate:
+        metrics = evaluate_reranker(cfg, run, out)
+        result["hits"] = {k: metrics[k] for k in ("bm25", "reranker") if k in metrics}
+        result["eval"] = metrics
+    return result
+
+
+# ------------------------------------------------------------------------------------------------
+# batch reranking on Ray Data
+
+PASSAGE_LISTS = ("passage_ids", "passage_titles", "passage_texts")
+
+
+class RerankBatch:
+    """Ray Data actor: one Reranker (loaded once) reorders each row's passage lists and keeps the top k."""
+
+    def __init__(self, model_dir: str, max_length: int, k: int, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))  # a fractional-CPU actor must not spawn a thread per core
+        self.reranker = Reranker.from_dir(model_dir, max_length=max_length)
+        self.k = int(k)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        for col in ("query", *PASSAGE_LISTS, "passage_scores"):
+            if col not in batch.column_names:
+                raise KeyError(f"rerank_dataset: no column {col!r} (columns: {batch.column_names}); "
+                               "retrieve passages first (kard_ray.knowledge.retrieve)")
+        titles = batch.column("passage_titles").to_pylist()
+        texts = batch.column("passage_texts").to_pylist()
+        cands = [[_passage(t, x) for t, x in zip(ts or [], xs or [])] for ts, xs in zip(titles, texts)]
+        scores = self.reranker.rerank_batch([str(q) for q in batch.column("query").to_pylist()], cands)
+        orders = [np.argsort(-s, kind="stable")[: self.k] for s in scores]  # ties keep retrieval order
+        lengths = np.array([len(c) for c in cands], np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        take = pa.array(np.concatenate([starts[i] + o for i, o in enumerate(orders)]).astype(np.int64)
+                        if orders else np.zeros(0, np.int64))
+        offsets = pa.array(np.concatenate([[0], np.cumsum([len(o) for o in orders])]).astype(np.int32))
+        for col in PASSAGE_LISTS:
+            values = batch.column(col).combine_chunks().flatten()
+            batch = batch.set_column(batch.column_names.index(col), col,
+                                     pa.ListArray.from_arrays(offsets, values.take(take)))
+        new_scores = np.concatenate([s[o] for s, o in zip(scores, orders)]).astype(np.float32) if orders else []
+        return batch.set_column(batch.column_names.index("passage_scores"), "passage_scores",
+                                pa.ListArray.from_arrays(offsets, pa.array(new_scores, pa.float32())))
+
+
+def rerank_dataset(ds, model_dir: str, cfg: KardConfig, k: int, *, batch_size: int = 8, num_gpus: float = 0.0):
+    """Rerank retrieved passages: rows with `query` and passage_ids/_scores/_titles/_texts (from
+    `kard_ray.knowledge.retrieve`, k* deep) come back with those lists reordered by reranker score and
+    cut to the top `k`; passage_scores become the reranker's scores. Other columns pass through.
+
+    Runs on an actor pool of `reranker.num_actors` actors with `reranker.num_cpus_per_actor` CPUs
+    (and `num_gpus`) each; every actor loads the model once; `batch_size` questions per call.
+    """
+    import ray
+
+    if k < 1:
+        raise ValueError(f"rerank_dataset: k must be >= 1, got {k}")
+    rc = cfg.reranker
+    return ds.map_batches(
+        RerankBatch, batch_format="pyarrow", batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=rc.num_actors), num_cpus=rc.num_cpus_per_actor, num_gpus=num_gpus,
+        fn_constructor_kwargs={"model_dir": model_dir, "max_length": rc.max_length, "k": k,
+                               "num_threads": max(1, math.floor(rc.num_cpus_per_actor))})
+
+
+# ------------------------------------------------------------------------------------------------
+# evaluation
+
+
+def hits_at(ranked: list[list[str]], gold: list[Optional[str]], ks=HITS_AT) -> dict:
+    """Share of questions whose gold id is among the first k of its ranking, per k; and MRR."""
+    n = len(ranked)
+    out = {f"hits@{k}": (sum(g is not None and g in r[:k] for r, g in zip(ranked, gold)) / n if n else 0.0)
+           for k in ks}
+    out["mrr"] = (sum(1.0 / (r.index(g) + 1) for r, g in zip(ranked, gold) if g is not None and g in r) / n) if n else 0.0
+    return out
+
+
+def evaluate_reranker(cfg: KardConfig, run: RunDir, model_dir: str) -> dict:
+    """Hits@{1,3,5,10} of the silver top passage (BM25's top hit for a held-out question's rationale)
+    among the question's top-k* candidates, in retrieval order vs reranker order.
+
+    Writes `<run>/eval/reranker_metrics.json` and returns it. The reranking runs as the batch stage
+    (`rerank_dataset`), the same path evaluation uses.
+    """
+    import ray
+
+    rc = cfg.reranker
+    path = run.path("eval", METRICS_FILE)
+    table, source = eval_inputs(cfg, run)
+    if table is None:
+        metrics = {"skipped": source}
+        io.write_json(path, metrics)
+        print(f"[reranker] Hits@k not measured: {source}", flush=True)
+        return metrics
+    kc = cfg.knowledge
+    ds = ray.data.from_arrow(table).map_batches(
+        EvalCandidates, batch_format="pyarrow", batch_size=kc.retrieval_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=kc.retrieval_actors), num_cpus=kc.num_cpus_per_retrieval_actor,
+        fn_constructor_kwargs={"run_dir": run.root, "cfg": kc, "k_star": rc.k_star})
+    ds = rerank_dataset(ds, model_dir, cfg, k=rc.k_star)
+    rows = sorted(ds.select_columns(["question_id", "silver_top_id", "retrieved_ids", "passage_ids"]).take_all(),
+                  key=lambda r: r["question_id"])
+    gold = [r["silver_top_id"] for r in rows]
+    retrieved = [list(r["retrieved_ids"]) for r in rows]
+    reranked = [list(r["passage_ids"]) for r in rows]
+    metrics = {
+        "n_questions": len(rows), "source": source, "k_star": rc.k_star, "retriever": kc.retriever,
+        "silver_in_candidates": hits_at(retrieved, gold, (rc.k_star,))[f"hits@{rc.k_star}"],
+        "bm25": hits_at(retrieved, gold), "reranker": hits_at(reranked, gold),
+        "architecture": rc.architecture, "loss": rc.loss, "model_dir": model_dir,
+    }
+    io.write_json(path, metrics)
+    b, r = metrics["bm25"], metrics["reranker"]
+    print("[reranker] Hits@1/3/5/10 on {} held-out questions: retrieval {} -> reranker {}".format(
+        len(rows), "/".join(f"{b[f'hits@{k}']:.3f}" for k in HITS_AT),
+        "/".join(f"{r[f'hits@{k}']:.3f}" for k in HITS_AT)), flush=True)
+    return metrics

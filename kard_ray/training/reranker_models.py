@@ -1,0 +1,298 @@
+"""Reranker architectures, their tokenisation, save/load, and the `Reranker` used for inference.
+
+Two architectures over any HF encoder (name or path):
+
+* `cross_encoder` (default): the question (+ options) and a passage read together,
+  `[CLS] query [SEP] passage [SEP]` -> one logit (AutoModelForSequenceClassification, num_labels=1,
+  so an exported model is a plain HF sequence-classification directory, and a published
+  cross-encoder can be the starting point).
+* `late_interaction` (the KARD authors' code, ColBERT-style): one shared encoder reads the query and
+  each passage separately; a linear compressor maps token states to `colbert_dim`; the score is the
+  sum over query tokens of the maximum dot product over passage tokens, padding masked on both sides
+  (raw dot products, as in the authors' code, which found them slightly better than cosine).
+
+Training (`reranker.py`) and inference (`Reranker`) tokenise through the same two functions,
+`encode_pairs` and `encode_texts`, so a model sees at inference exactly what it was trained on.
+
+An exported model directory holds the encoder's `save_pretrained` files, the tokenizer, and
+`kard_reranker.json` naming the architecture (and, for late interaction, the compressor weights in
+`colbert_linear.safetensors`).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from kard_ray import io
+
+META_FILE = "kard_reranker.json"
+COLBERT_HEAD_FILE = "colbert_linear.safetensors"
+FORMAT_VERSION = 1
+ARCHITECTURES = ("cross_encoder", "late_interaction")
+# Inputs an HF encoder may take from a tokenizer; anything else a tokenizer returns is dropped.
+MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenisation (shared by training and inference)
+
+
+@functools.lru_cache(maxsize=4)
+def load_reranker_tokenizer(name_or_path: str):
+    from kard_ray.models import load_tokenizer
+
+    tok = load_tokenizer(name_or_path)
+    if tok.pad_token_id is None:
+        raise ValueError(f"tokenizer of {name_or_path} has no pad token; a reranker pads candidate batches")
+    return tok
+
+
+def _keep_inputs(enc) -> dict[str, np.ndarray]:
+    return {k: np.asarray(enc[k], dtype=np.int64) for k in MODEL_INPUTS if k in enc}
+
+
+def encode_pairs(tokenizer, queries: Sequence[str], passages: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
+    """Cross-encoder inputs for (query, passage) pairs, padded to the longest, at most `max_length`.
+
+    `longest_first` truncation trims whichever side is longer (the passage, normally), and never
+    fails on a long question the way `only_second` would.
+    """
+    enc = tokenizer(list(queries), list(passages), truncation="longest_first", max_length=max_length,
+                    padding=True, return_tensors="np")
+    return _keep_inputs(enc)
+
+
+def encode_texts(tokenizer, texts: Sequence[str], max_length: int) -> dict[str, np.ndarray]:
+    """Late-interaction inputs for single texts (queries or passages), padded to the longest."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=True, return_tensors="np")
+    return _keep_inputs(enc)
+
+
+# ------------------------------------------------------------------------------------------------
+# architectures
+
+
+class CrossEncoder(torch.nn.Module):
+    """One relevance logit per (query, passage) pair."""
+
+    architecture = "cross_encoder"
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # an AutoModelForSequenceClassification with num_labels=1
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "CrossEncoder":
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
+        if model.config.pad_token_id is None:
+            # Needed by heads that pool the last non-pad token (decoder-style encoders).
+            model.config.pad_token_id = load_reranker_tokenizer(name_or_path).pad_token_id
+        return cls(model)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kw).logits[:, 0]
+
+    def gradient_checkpointing_enable(self, **kw) -> None:
+        self.model.gradient_checkpointing_enable(**kw)
+
+    def save(self, directory: str) -> dict:
+        self.model.save_pretrained(directory)
+        return {}
+
+
+class LateInteraction(torch.nn.Module):
+    """ColBERT-style MaxSim over a shared encoder and a linear compressor."""
+
+    architecture = "late_interaction"
+
+    def __init__(self, encoder, colbert_dim: int):
+        super().__init__()
+        self.encoder = encoder
+        self.compressor = torch.nn.Linear(encoder.config.hidden_size, colbert_dim)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, colbert_dim: int) -> "LateInteraction":
+        from kard_ray.models import load_encoder
+
+        return cls(load_encoder(name_or_path), colbert_dim)
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Token vectors [n, L, colbert_dim]."""
+        kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+        states = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+        return self.compressor(states)
+
+    @staticmethod
+    def maxsim(q_vecs: torch.Tensor, q_mask: torch.Tensor, d_vecs: torch.Tensor, d_mask: torch.Tensor) -> torch.Tensor:
+        """Scores [n] of n (query, passage) pairs given row-aligned vectors [n, Lq, d] and [n, Ld, d].
+
+        Padding passage tokens never win the max; padding query tokens add nothing to the sum.
+        """
+        sim = torch.bmm(q_vecs, d_vecs.transpose(1, 2))  # [n, Lq, Ld]
+        sim = sim.masked_fill(~d_mask.bool()[:, None, :], torch.finfo(sim.dtype).min)
+        best = sim.max(dim=-1).values  # [n, Lq]
+        return (best * q_mask.to(best.dtype)).sum(dim=-1)
+
+    def forward(self, q_input_ids: torch.Tensor, q_attention_mask: torch.Tensor, d_input_ids: torch.Tensor,
+                d_attention_mask: torch.Tensor, d_query_index: torch.Tensor,
+                q_token_type_ids: Optional[torch.Tensor] = None,
+                d_token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores [n_docs]: passage i scored against query `d_query_index[i]` (each query encoded once)."""
+        q = self.encode(q_input_ids, q_attention_mask, q_token_type_ids)
+        d = self.encode(d_input_ids, d_attention_mask, d_token_type_ids)
+        return self.maxsim(q[d_query_index], q_attention_mask[d_query_index], d, d_attention_mask)
+
+    def gradient_checkpointing_enable(self, **kw) -> None:
+        self.encoder.gradient_checkpointing_enable(**kw)
+
+    def save(self, directory: str) -> dict:
+        from safetensors.torch import save_file
+
+        self.encoder.save_pretrained(directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.compressor.state_dict().items()}
+        save_file(state, os.path.join(directory, COLBERT_HEAD_FILE))
+        return {"colbert_dim": self.compressor.out_features, "colbert_head": COLBERT_HEAD_FILE}
+
+
+def build_reranker(architecture: str, init_model: str, colbert_dim: int = 128) -> torch.nn.Module:
+    """A reranker module initialised from an HF encoder (name or path)."""
+    if architecture == "cross_encoder":
+        return CrossEncoder.from_pretrained(init_model)
+    if architecture == "late_interaction":
+        return LateInteraction.from_pretrained(init_model, colbert_dim)
+    raise ValueError(f"reranker architecture {architecture!r}: expected one of {ARCHITECTURES}")
+
+
+def save_reranker(model: torch.nn.Module, directory: str, tokenizer, meta: dict) -> None:
+    """Write weights, tokenizer and `kard_reranker.json` into a local directory."""
+    os.makedirs(directory, exist_ok=True)
+    extra = model.save(directory)
+    tokenizer.save_pretrained(directory)
+    full = {"format_version": FORMAT_VERSION, "architecture": model.architecture, **meta, **extra}
+    with open(os.path.join(directory, META_FILE), "w") as fh:
+        json.dump(full, fh, indent=2)
+
+
+def read_meta(model_dir: str) -> dict:
+    path = io.join(model_dir, META_FILE)
+    if not io.exists(path):
+        raise FileNotFoundError(f"{model_dir}: not a kard-ray reranker (no {META_FILE}); train one with train_reranker")
+    meta = io.read_json(path)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
+    if meta.get("architecture") not in ARCHITECTURES:
+        raise ValueError(f"{path}: field 'architecture' is {meta.get('architecture')!r}, expected one of {ARCHITECTURES}")
+    return meta
+
+
+def load_reranker(model_dir: str) -> tuple[torch.nn.Module, dict]:
+    """(module in eval mode, meta) from an exported directory (local path; see `Reranker.from_dir` for URIs)."""
+    meta = read_meta(model_dir)
+    if meta["architecture"] == "cross_encoder":
+        model = CrossEncoder.from_pretrained(model_dir)
+    else:
+        from safetensors.torch import load_file
+
+        from kard_ray.models import load_encoder
+
+        model = LateInteraction(load_encoder(model_dir), int(meta["colbert_dim"]))
+        head = os.path.join(model_dir, meta.get("colbert_head", COLBERT_HEAD_FILE))
+        if not os.path.exists(head):
+            raise FileNotFoundError(f"{model_dir}: late-interaction reranker without its compressor {head}")
+        model.compressor.load_state_dict(load_file(head))
+    model.eval()  # transformers 5 builds models in train mode (dropout on)
+    return model, meta
+
+
+# ------------------------------------------------------------------------------------------------
+# inference
+
+
+def _to_torch(arrays: dict[str, np.ndarray], device: torch.device, prefix: str = "") -> dict[str, torch.Tensor]:
+    return {prefix + k: torch.from_numpy(v).to(device) for k, v in arrays.items()}
+
+
+class Reranker:
+    """A trained reranker for online and batch use; the model and tokenizer load once.
+
+        rr = Reranker.from_dir(run.model("reranker"))
+        scores = rr.rerank("What is the main export of Brax? salt tin", ["Brax . The main export ..."])
+
+    Queries are the question with its options (`kard_ray.evaluation.evaluate.question_query`), as in
+    training; candidates are passage strings "Title . text" (`kard_ray.knowledge.format_passage`).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, meta: dict, max_length: int = 256,
+                 device: str | None = None, pair_batch_size: int = 64):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.architecture = meta["architecture"]
+        self.max_length = int(max_length)
+        self.max_query_length = int(meta.get("max_query_length", 64))
+        self.pair_batch_size = int(pair_batch_size)
+
+    @classmethod
+    def from_dir(cls, model_dir: str, max_length: int = 256, device: str | None = None,
+                 pair_batch_size: int = 64) -> "Reranker":
+        """Load an exported reranker from a local directory or a URI (cached locally, see knowledge.store)."""
+        from kard_ray.knowledge.store import local_dir
+        from kard_ray.models import load_tokenizer
+
+        d = local_dir(model_dir)
+        model, meta = load_reranker(d)
+        return cls(model, load_tokenizer(d), meta, max_length=max_length, device=device,
+                   pair_batch_size=pair_batch_size)
+
+    def rerank(self, question: str, candidates: list[str]) -> np.ndarray:
+        """One float32 score per candidate (higher = more relevant), in the candidates' order."""
+        return self.rerank_batch([question], [candidates])[0]
+
+    @torch.inference_mode()
+    def rerank_batch(self, questions: list[str], candidates: list[list[str]]) -> list[np.ndarray]:
+        """Scores per question; all pairs of the batch are scored in chunks of `pair_batch_size`."""
+        if len(questions) != len(candidates):
+            raise ValueError(f"rerank_batch: {len(questions)} questions but {len(candidates)} candidate lists")
+        q_index = np.repeat(np.arange(len(questions)), [len(c) for c in candidates])
+        passages = [p for c in candidates for p in c]
+        flat = np.zeros(len(passages), dtype=np.float32)
+        if passages:
+            if self.architecture == "cross_encoder":
+                flat = self._cross_scores(questions, q_index, passages)
+            else:
+                flat = self._late_scores(questions, q_index, passages)
+        bounds = np.cumsum([0] + [len(c) for c in candidates])
+        return [flat[bounds[i]:bounds[i + 1]] for i in range(len(questions))]
+
+    def _cross_scores(self, questions: list[str], q_index: np.ndarray, passages: list[str]) -> np.ndarray:
+        out = []
+        for s in range(0, len(passages), self.pair_batch_size):
+            qs = [questions[i] for i in q_index[s:s + self.pair_batch_size]]
+            enc = encode_pairs(self.tokenizer, qs, passages[s:s + self.pair_batch_size], self.max_length)
+            out.append(self.model(**_to_torch(enc, self.device)).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def _late_scores(self, questions: list[str], q_index: np.ndarray, passages: list[str]) -> np.ndarray:
+        q_enc = _to_torch(encode_texts(self.tokenizer, questions, self.max_query_length), self.device)
+        q_vecs = self.model.encode(q_enc["input_ids"], q_enc["attention_mask"], q_enc.get("token_type_ids"))
+        out = []
+        for s in range(0, len(passages), self.pair_batch_size):
+            d_enc = _to_torch(encode_texts(self.tokenizer, passages[s:s + self.pair_batch_size], self.max_length),
+                              self.device)
+            d_vecs = self.model.encode(d_enc["input_ids"], d_enc["attention_mask"], d_enc.get("token_type_ids"))
+            qi = torch.from_numpy(q_index[s:s + self.pair_batch_size]).to(self.device)
+            out.append(LateInteraction.maxsim(q_vecs[qi], q_enc["attention_mask"][qi], d_vecs,
+                                              d_enc["attention_mask"]).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
