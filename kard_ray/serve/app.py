@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import signal
-import threading
+import time
 from typing import Any, Optional
 
 from kard_ray import io
@@ -150,8 +150,17 @@ def start(cfg: KardConfig, run_dir: Optional[str] = None, *, name: str = APP_NAM
     return serve.run(app, name=name, route_prefix=cfg.serve.route_prefix)
 
 
+class _Stop(Exception):
+    """Raised in the main thread by the SIGTERM handler: leave whatever is running, shut down."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop()
+
+
 def serve_run_dir(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> None:
-    """`kard-ray serve <run_dir>`: serve the run until Ctrl-C or SIGTERM, then shut down gracefully."""
+    """`kard-ray serve <run_dir>`: serve the run until Ctrl-C or SIGTERM, then shut down gracefully
+    (replicas finish their in-flight requests, up to graceful_shutdown_timeout_s)."""
     from ray import serve
 
     from kard_ray.runtime import init_ray
@@ -159,16 +168,16 @@ def serve_run_dir(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> 
     cfg = load_run_config(run_dir, list(overrides))
     method = served_method(cfg.run_dir)
     init_ray(cfg)
-    start(cfg, cfg.run_dir, method=method)
-    base = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
-    print(f"[serve] {cfg.run_dir} ({method}) at {base}/v1/answer — docs {base}/docs — Ctrl-C to stop", flush=True)
-
-    stop = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    # After ray.init (which installs its own SIGTERM handler) and before deploying, so a SIGTERM at
+    # any point from here on - even mid-deploy - ends in serve.shutdown(), like Ctrl-C.
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        while not stop.wait(1.0):
-            pass
-    except KeyboardInterrupt:
+        start(cfg, cfg.run_dir, method=method)
+        base = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
+        print(f"[serve] {cfg.run_dir} ({method}) at {base}/v1/answer - docs {base}/docs - Ctrl-C to stop", flush=True)
+        while True:  # until Ctrl-C or SIGTERM interrupts the sleep
+            time.sleep(3600)
+    except (KeyboardInterrupt, _Stop):
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
