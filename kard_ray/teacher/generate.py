@@ -123,8 +123,9 @@ def generate_rationales(cfg: KardConfig, run: RunDir) -> dict:
             row["messages_json"] = json.dumps(build_messages(q, q.get("dataset") or cfg.data.dataset, few_shot))
         todo.append(row)
     n_todo_rows = sum(len(r["samples"]) for r in todo)
-    _log(f"{len(questions)} questions; {len(existing)} rows already written; {n_todo_rows} rows of "
-         f"{len(todo)} questions to produce with backend={t.backend}")
+    retried = sum(1 for r in todo for s in r["samples"] if (r["question_id"], s) in existing)
+    _log(f"{len(questions)} questions; {len(existing)} rows already written ({retried} with errors to retry); "
+         f"{n_todo_rows} rows of {len(todo)} questions to produce with backend={t.backend}")
 
     written = 0
     if todo:
@@ -157,7 +158,8 @@ def generate_rationales(cfg: KardConfig, run: RunDir) -> dict:
     stats = rationale_stats(table, gold, verifier=t.verifier_model is not None)
     stats["backend"] = t.backend
     stats["filter"] = t.filter
-    stats["this_run"] = {"rows_written": written, "rows_skipped": len(existing), "rows_repaired": repaired,
+    stats["this_run"] = {"rows_written": written, "rows_skipped": len(existing) - retried,
+                         "rows_retried": retried, "rows_repaired": repaired,
                          "seconds": round(time.time() - t0, 2)}
     io.write_json(run.path("rationales_stats.json"), stats)
     _log(f"{stats['n_rationales']} rationales for {stats['questions_with_rationales']} questions; parse rate "

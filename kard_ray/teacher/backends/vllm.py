@@ -53,8 +53,13 @@ def vllm_preprocess(row: dict, temperature: float, max_tokens: int, seed: int) -
 
 
 def vllm_postprocess(row: dict, teacher: str) -> dict:
-    """Engine output row -> a GEN_SCHEMA row (text and token counts)."""
+    """Engine output row -> its columns plus the GEN_SCHEMA fields (text and token counts).
+
+    The engine's columns are kept (`**row`) so success rows carry the same columns as the error rows
+    that bypass postprocess; `normalize_row` then keeps GEN_SCHEMA's columns of both.
+    """
     return {
+        **row,
         "question_id": row["question_id"], "sample": int(row["sample"]),
         "text": row.get("generated_text") or "",
         "prompt_tokens": int(row["num_input_tokens"]) if row.get("num_input_tokens") is not None else None,
