@@ -177,7 +177,6 @@ def evaluate(cfg: KardConfig, run: io.RunDir) -> dict:
     table = results_table(metrics, cfg)
     io.write_bytes(run.path("eval", "results.md"), table.encode())
     io.write_bytes(run.path("eval", "accuracy.png"), bar_chart(metrics))
-    print(table, flush=True)
     return metrics
 
 
