@@ -174,7 +174,7 @@ def test_killed_job_resumes_without_duplicates(ray_session, server, tmp_path, sy
     """SIGKILL the generation job midway, rerun it: the set completes, nothing is duplicated, and no
     row written before the kill is requested from the server again."""
     base_url, log = server
-    qs = synthetic_task.train_questions[10:34]
+    qs = synthetic_task.train_questions[10:26]
     run = RunDir(str(tmp_path / "run"))
     io.write_table(pa.Table.from_pylist(qs, schema=schemas.QUESTIONS), run.questions("train"))
     address = ray_session.get_runtime_context().gcs_address
@@ -191,7 +191,7 @@ def test_killed_job_resumes_without_duplicates(ray_session, server, tmp_path, sy
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
     store = RationaleStore(run.rationales)
     deadline = time.time() + 240
-    while len(store.parts()) < 3:
+    while len(store.parts()) < 2:
         assert proc.poll() is None, f"the job ended before it could be killed:\n{job_log.read_text()[-3000:]}"
         assert time.time() < deadline, f"no parts written:\n{job_log.read_text()[-3000:]}"
         time.sleep(0.1)
@@ -201,7 +201,7 @@ def test_killed_job_resumes_without_duplicates(ray_session, server, tmp_path, sy
     # the stage's request rate stayed within teacher.openai.requests_per_second (4/s), retries included
     first_run = _log_entries(log, start)
     span = first_run[-1]["t"] - first_run[0]["t"]
-    assert len(first_run) >= 6 and (len(first_run) - 1) / span <= 4.0 * 1.5, (len(first_run), span)
+    assert len(first_run) >= 4 and (len(first_run) - 1) / span <= 4.0 * 1.5, (len(first_run), span)
 
     before = io.read_table(run.rationales)
     written = {(r["question_id"], r["sample"]): r["text"] for r in before.to_pylist()}
