@@ -22,7 +22,7 @@ def init_ray(cfg: KardConfig):
 
     if ray.is_initialized():
         return ray
-    env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "TOKENIZERS_", "KARD_"))}
+    env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "TOKENIZERS_"))}
     runtime_env = {"env_vars": env} if env else None
     address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
     if address:
