@@ -5,13 +5,17 @@ Each model deployment wraps the *same* object offline evaluation uses (`knowledg
 greedy decoding, a served answer equals the evaluation stage's prediction for the same question.
 
 Blocking model work runs in a worker thread (`asyncio.to_thread`) so a replica's event loop keeps
-answering health checks and filling the next batch while the model runs.
+answering health checks and filling the next batch while the model runs. One model call at a time
+per replica (a lock, or @serve.batch's single in-flight batch): a fast tokenizer shared by two
+threads fails with "Already borrowed" (huggingface/tokenizers#537), and a fractional-CPU replica
+gains nothing from running two calls at once; more throughput comes from more replicas.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any, Optional
 
@@ -31,6 +35,11 @@ def _device() -> str:
     import ray
 
     return "cuda" if ray.get_gpu_ids() else "cpu"
+
+
+def _locked(lock: threading.Lock, fn, *args):
+    with lock:
+        return fn(*args)
 
 
 def _passage_text(p: dict) -> str:
@@ -56,11 +65,12 @@ class Retriever:
         t0 = time.time()
         self.retriever = KnowledgeRetriever.from_run_dir(run_dir, cfg.knowledge, num_threads=1)
         self.mode = cfg.knowledge.retriever
+        self.lock = threading.Lock()  # held by the worker thread, even when its request was cancelled
         log.info("Retriever: %d passages (%s) loaded in %.1fs", len(self.retriever), self.mode, time.time() - t0)
 
     async def search(self, query: str, k: int) -> list[dict]:
         """[{id, title, text, score}] best first, at most k."""
-        hits = await asyncio.to_thread(self.retriever.search, [query], k)
+        hits = await asyncio.to_thread(_locked, self.lock, self.retriever.search, [query], k)
         return hits[0]
 
     async def info(self) -> dict:
@@ -82,6 +92,7 @@ class Reranker:
     def __init__(self, model_dir: Optional[str], cfg: KardConfig):
         self.model_dir = model_dir
         self.reranker = None
+        self.lock = threading.Lock()  # held by the worker thread, even when its request was cancelled
         if model_dir is not None:
             from kard_ray.training.reranker import Reranker as TrainedReranker
 
@@ -91,7 +102,8 @@ class Reranker:
         """The top-k candidates by reranker score (their `score` replaced by it), best first."""
         if self.reranker is None:
             raise RuntimeError("this application serves a run without a reranker")
-        scores = await asyncio.to_thread(self.reranker.rerank, query, [_passage_text(p) for p in candidates])
+        scores = await asyncio.to_thread(_locked, self.lock, self.reranker.rerank, query,
+                                         [_passage_text(p) for p in candidates])
         return [{**candidates[i], "score": float(scores[i])} for i in top_k(scores, k)]
 
     async def info(self) -> dict:
@@ -117,6 +129,7 @@ class Generator:
             temperature=e.temperature, max_source_length=cfg.student.max_source_length, score_by=e.score_by,
             seed=cfg.seed, device=_device())
         self.model_dir = model_dir
+        self.lock = threading.Lock()  # a cancelled batch's thread may still be generating
         self.predict.set_max_batch_size(cfg.serve.max_batch_size)
         self.predict.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
         self.batches = 0
@@ -129,7 +142,7 @@ class Generator:
         questions = [q for q, _, _ in items]
         options = [list(o) for _, o, _ in items]
         passages = [list(p) for _, _, p in items]
-        preds = await asyncio.to_thread(self.student.predict, questions, options, passages)
+        preds = await asyncio.to_thread(_locked, self.lock, self.student.predict, questions, options, passages)
         self.batches += 1
         self.batched_requests += len(items)
         return [{"generation": p.generation, "pred_index": int(p.pred_index)} for p in preds]
