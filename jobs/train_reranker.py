@@ -1,7 +1,8 @@
 """Reranker distillation as a Ray job: mine candidates (if needed), train on the trainer core, evaluate Hits@k.
 
     python jobs/train_reranker.py --config configs/demo.yaml [key=value ...]
-    ray job submit --working-dir . -- python jobs/train_reranker.py --config configs/strategyqa.yaml reranker.num_workers=2
+    ray job submit --working-dir . -- python jobs/train_reranker.py --config configs/strategyqa.yaml \
+        reranker.num_workers=2
     python jobs/train_reranker.py --init-model michiyasunaga/LinkBERT-base reranker.architecture=late_interaction
 
 Needs the run's questions, BM25 index and rationales (the questions, knowledge and teacher stages).

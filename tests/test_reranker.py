@@ -290,7 +290,8 @@ def check_rerank_dataset_matches_online(synth, model_dir: str) -> None:
     assert len(out) == len(qs)
     for row in out:
         src = retrieved[row["id"]]
-        scores = rr.rerank(row["query"], [format_passage(t, x) for t, x in zip(src["passage_titles"], src["passage_texts"])])
+        texts = [format_passage(t, x) for t, x in zip(src["passage_titles"], src["passage_texts"])]
+        scores = rr.rerank(row["query"], texts)
         order = np.argsort(-scores, kind="stable")[:3]
         assert list(row["passage_ids"]) == [src["passage_ids"][i] for i in order]
         assert list(row["passage_texts"]) == [src["passage_texts"][i] for i in order]

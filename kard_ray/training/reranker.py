@@ -357,7 +357,8 @@ def hits_at(ranked: list[list[str]], gold: list[Optional[str]], ks=HITS_AT) -> d
     n = len(ranked)
     out = {f"hits@{k}": (sum(g is not None and g in r[:k] for r, g in zip(ranked, gold)) / n if n else 0.0)
            for k in ks}
-    out["mrr"] = (sum(1.0 / (r.index(g) + 1) for r, g in zip(ranked, gold) if g is not None and g in r) / n) if n else 0.0
+    rr = [1.0 / (r.index(g) + 1) for r, g in zip(ranked, gold) if g is not None and g in r]
+    out["mrr"] = sum(rr) / n if n else 0.0
     return out
 
 

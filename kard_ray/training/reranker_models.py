@@ -21,9 +21,9 @@ An exported model directory holds the encoder's `save_pretrained` files, the tok
 
 from __future__ import annotations
 
-import functools
 import json
 import os
+import threading
 from typing import Optional, Sequence
 
 import numpy as np
@@ -43,14 +43,26 @@ MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # tokenisation (shared by training and inference)
 
 
-@functools.lru_cache(maxsize=4)
+_THREAD = threading.local()
+
+
 def load_reranker_tokenizer(name_or_path: str):
+    """The tokenizer of `name_or_path`, loaded once per thread.
+
+    Per thread because Ray Data runs collate functions in a small thread pool, and a fast tokenizer
+    whose truncation/padding settings are changed by two threads at once fails ("Already borrowed").
+    """
     from kard_ray.models import load_tokenizer
 
-    tok = load_tokenizer(name_or_path)
-    if tok.pad_token_id is None:
-        raise ValueError(f"tokenizer of {name_or_path} has no pad token; a reranker pads candidate batches")
-    return tok
+    cache = getattr(_THREAD, "tokenizers", None)
+    if cache is None:
+        cache = _THREAD.tokenizers = {}
+    if name_or_path not in cache:
+        tok = load_tokenizer(name_or_path)
+        if tok.pad_token_id is None:
+            raise ValueError(f"tokenizer of {name_or_path} has no pad token; a reranker pads candidate batches")
+        cache[name_or_path] = tok
+    return cache[name_or_path]
 
 
 def _keep_inputs(enc) -> dict[str, np.ndarray]:
@@ -192,7 +204,8 @@ def read_meta(model_dir: str) -> dict:
     if meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {meta.get('format_version')!r}, this code reads {FORMAT_VERSION}")
     if meta.get("architecture") not in ARCHITECTURES:
-        raise ValueError(f"{path}: field 'architecture' is {meta.get('architecture')!r}, expected one of {ARCHITECTURES}")
+        raise ValueError(f"{path}: field 'architecture' is {meta.get('architecture')!r}, "
+                         f"expected one of {ARCHITECTURES}")
     return meta
 
 
