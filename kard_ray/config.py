@@ -55,7 +55,8 @@ class SyntheticConfig:
     n_options: int = _f(4, "Options per multiple-choice question.")
     rationales_per_question: int = _f(3, "Teacher-style rationales written per training question.")
     wrong_rationale_rate: float = _f(0.1, "Share of rationales that argue for a wrong option (the filter must drop them).")
-    distractors_per_entity: int = _f(1, "Distractor passages per entity that share its words but state other facts.")
+    distractors_per_entity: int = _f(1, "Distractor passages per fact that share its entity and attribute words but state a wrong option.")
+    listing_distractor_rate: float = _f(0.3, "Share of questions with a passage listing their wrong options next to the entity: it fools question-only BM25 (not the rationale's), which is what the reranker must learn to fix.")
     seed: int = _f(13, "Seed: the same seed gives the same task, byte for byte.")
 
     def __post_init__(self):
@@ -66,6 +67,7 @@ class SyntheticConfig:
         _check(self.rationales_per_question >= 1, "data.synthetic.rationales_per_question", "must be >= 1")
         _check(0.0 <= self.wrong_rationale_rate < 1.0, "data.synthetic.wrong_rationale_rate", "must be in [0, 1)")
         _check(self.distractors_per_entity >= 0, "data.synthetic.distractors_per_entity", "must be >= 0")
+        _check(0.0 <= self.listing_distractor_rate <= 1.0, "data.synthetic.listing_distractor_rate", "must be in [0, 1]")
 
 
 @dataclass

@@ -4,8 +4,11 @@ Fictional entities (towns with made-up names) have facts that exist only in a ge
 Questions ask one fact each, as multiple choice. Train and test are split **by entity**: a test
 entity never appears in training, so a student can answer it only by reading a retrieved passage —
 exactly the situation KARD is built for. Each fact passage has distractor passages that share its
-words (the entity's name, the attribute's phrase) but state a wrong option, so question-only BM25
-retrieval is sometimes fooled and a reranker has something to learn.
+words (the entity's name, the attribute's phrase) but state a wrong option. For a share of questions a
+"listing" passage names the entity next to the question's wrong options: a query made of the question
+and its options prefers it, a query made of the rationale (which names the right option and the
+attribute) does not — so question-only BM25 is sometimes fooled, and the reranker, distilled from
+rationale-retrieval, has something real to learn.
 
 Everything is a pure function of the config and its seed.
 
@@ -43,6 +46,7 @@ DISTRACTOR_TEMPLATES = [
     "Unlike {e}, the town of {o} is known for {v}, its {a}.",
     "Travellers compare {e} with {o}, where the {a} is {v}.",
 ]
+LISTING_TEMPLATE = "Markets in {e} sell {w}."
 ATTRIBUTE_PHRASE = {"export": "main export", "animal": "emblem", "color": "flag", "sport": "popular sport",
                     "instrument": "festival instrument", "dish": "traditional dish"}
 
@@ -117,6 +121,9 @@ def make_task(cfg: SyntheticConfig) -> SyntheticTask:
                 other = rng.choice([x for x in entities if x != e])
                 text = rng.choice(DISTRACTOR_TEMPLATES).format(e=e, o=other, a=ATTRIBUTE_PHRASE[a], v=wrong[d % len(wrong)])
                 passages.append({"id": f"{pid}-d{d}", "title": e, "text": text})
+            if rng.random() < cfg.listing_distractor_rate:
+                listed = ", ".join(wrong[:-1]) + " and " + wrong[-1] if len(wrong) > 1 else wrong[0]
+                passages.append({"id": f"{pid}-l", "title": e, "text": LISTING_TEMPLATE.format(e=e, w=listed)})
 
             def rationale(v: str, f: str) -> str:
                 return rng.choice(RATIONALE_TEMPLATES).format(fact=f, fact_lc=_lc_first(f), v=v)
