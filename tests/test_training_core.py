@@ -56,11 +56,11 @@ def _dataset(ray, rows, tiny_t5_dir):
     return tokenize_examples(ray.data.from_items(rows), tiny_t5_dir, 128, None).materialize()
 
 
-def _run(ray, rows, tiny_t5_dir, tmp, name, task=None, **cfg_kw):
+def _run(ds, tiny_t5_dir, tmp, name, task=None, **cfg_kw):
     cfg = StudentConfig(num_workers=0, **cfg_kw)
     out = str(tmp / name)
-    res = train(task or seq2seq_task(tiny_t5_dir), _dataset(ray, rows, tiny_t5_dir), cfg, out, str(tmp / "ckpt"),
-                name, {"init_model": tiny_t5_dir}, shuffle=False)
+    res = train(task or seq2seq_task(tiny_t5_dir), ds, cfg, out, str(tmp / "ckpt"), name, {"init_model": tiny_t5_dir},
+                shuffle=False)
     return res, out
 
 
@@ -81,8 +81,9 @@ def test_grad_accumulation_invariance(ray_session, examples, tiny_t5_dir, tmp_pa
     lengths = {len(r["target"]) for r in rows}
     assert len(lengths) > 1, "the check needs targets of different lengths"
     common = dict(max_steps=1, lr=1e-3, max_grad_norm=None, log_every_steps=1)
-    a, out_a = _run(ray_session, rows, tiny_t5_dir, tmp_path, "b1x8", batch_size=1, grad_accum=8, **common)
-    b, out_b = _run(ray_session, rows, tiny_t5_dir, tmp_path, "b8x1", batch_size=8, grad_accum=1, **common)
+    ds = _dataset(ray_session, rows, tiny_t5_dir)
+    a, out_a = _run(ds, tiny_t5_dir, tmp_path, "b1x8", batch_size=1, grad_accum=8, **common)
+    b, out_b = _run(ds, tiny_t5_dir, tmp_path, "b8x1", batch_size=8, grad_accum=1, **common)
     log_a = [json.loads(x) for x in open(os.path.join(out_a, "train_log.jsonl"))]
     log_b = [json.loads(x) for x in open(os.path.join(out_b, "train_log.jsonl"))]
     assert a["loss_curve"][0] == pytest.approx(b["loss_curve"][0], rel=1e-5)
@@ -105,7 +106,7 @@ def test_grad_accumulation_invariance(ray_session, examples, tiny_t5_dir, tmp_pa
     # ...and the control (micro-batches weighted equally, count_fn=None) gives the row mean instead
     task = seq2seq_task(tiny_t5_dir)
     task.count_fn = None
-    c, _ = _run(ray_session, rows, tiny_t5_dir, tmp_path, "b1x8_rows", task=task, batch_size=1, grad_accum=8, **common)
+    c, _ = _run(ds, tiny_t5_dir, tmp_path, "b1x8_rows", task=task, batch_size=1, grad_accum=8, **common)
     assert c["loss_curve"][0] == pytest.approx(row_mean, rel=1e-5)
 
 
@@ -125,8 +126,9 @@ def _per_example_losses(model_dir: str, rows: list[dict]) -> tuple[list[float], 
 
 @pytest.mark.timeout(300)
 def test_in_process_loop_logs_every_step_and_learns(ray_session, examples, tiny_t5_dir, tmp_path):
-    res, out = _run(ray_session, examples, tiny_t5_dir, tmp_path, "inproc", batch_size=8, grad_accum=2, max_steps=24,
-                    lr=3e-3, schedule="linear", warmup_steps=4, log_every_steps=5, checkpoint_every_steps=5)
+    ds = _dataset(ray_session, examples, tiny_t5_dir)
+    res, out = _run(ds, tiny_t5_dir, tmp_path, "inproc", batch_size=8, grad_accum=2, max_steps=24, lr=3e-3,
+                    schedule="linear", warmup_steps=4, log_every_steps=5, checkpoint_every_steps=5)
     log = [json.loads(x) for x in open(os.path.join(out, "train_log.jsonl"))]
     assert [e["step"] for e in log] == list(range(1, 25))
     assert log[0]["lr"] == pytest.approx(3e-3 / 4) and log[3]["lr"] == pytest.approx(3e-3)

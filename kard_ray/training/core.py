@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -35,9 +34,7 @@ import torch.distributed as dist
 from kard_ray import io
 from kard_ray.config import TrainingConfig
 from kard_ray.training.engines import make_engine
-from kard_ray.training.progress import Progress, read_train_log
-
-logger = logging.getLogger(__name__)
+from kard_ray.training.progress import Progress, emit, read_train_log
 
 N_KEY = "_n_items"  # added to every collated batch by the core (popped before loss_fn sees it)
 LOG_FILE = "train_log.jsonl"
@@ -233,15 +230,14 @@ def _restore(engine, plan: Plan, rank: int):
         if meta.get("fingerprint") != plan.fingerprint:
             # Same run name, different data/config: resuming would mix two runs.
             if rank == 0:
-                print(f"[train] checkpoint {ckpt.path} belongs to another configuration; starting from step 0",
-                      flush=True)
+                emit(f"[train] checkpoint {ckpt.path} belongs to another configuration; starting from step 0", True)
             return None
         engine.load(d)
         rng = os.path.join(d, f"rng_rank{rank}.pt")
         if os.path.exists(rng):
             _set_rng_state(torch.load(rng, weights_only=False))
     if rank == 0:
-        print(f"[train] resumed from {ckpt.path} at step {meta['step']}", flush=True)
+        emit(f"[train] resumed from {ckpt.path} at step {meta['step']}", True)
     return int(meta["step"]), list(meta["log"]), float(meta.get("train_time_s", 0.0))
 
 
@@ -258,11 +254,20 @@ def train_loop_per_worker(config: dict) -> None:
     if world != plan.world:
         raise RuntimeError(f"worker group has {world} ranks, plan expected {plan.world}")
     device = _device(cfg, local_mode)
+    if device.type == "cpu" and not local_mode:
+        # intra-op threads = the CPUs the worker reserved (Ray's OMP_NUM_THREADS says the same, but a
+        # fractional reservation must still get one thread, and a user's env var must not oversubscribe)
+        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(config["seed"])
     model = task.build_model(config["model_config"])
     if cfg.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     model.train()
+    fpt = None
+    if device.type == "cuda":  # MFU on GPU only; counted before ZeRO-3 partitions the parameters
+        from kard_ray.models import flops_per_token
+
+        fpt = (task.flops_per_token or flops_per_token)(model)
     engine = make_engine(cfg, model, plan.total_steps, device, world, task.find_unused_parameters)
 
     restored = _restore(engine, plan, rank)
@@ -270,15 +275,10 @@ def train_loop_per_worker(config: dict) -> None:
     output_dir = config["output_dir"]
     if rank == 0 and restored is None and io.exists(output_dir):
         io.remove(output_dir)  # fresh run: no stale model files or log next to the new ones
-    fpt = None
-    if device.type == "cuda":
-        from kard_ray.models import flops_per_token
-
-        fpt = (task.flops_per_token or flops_per_token)(engine.unwrapped)
     progress = Progress(name=config["name"], rank=rank, world=world, total_steps=plan.total_steps,
                         samples_per_step=plan.samples_per_step, log_path=io.join(output_dir, LOG_FILE),
                         log_every=cfg.log_every_steps, device=device, flops_per_token=fpt,
-                        start_step=start_step, log=log, prior_train_time_s=prior_time)
+                        start_step=start_step, log=log, prior_train_time_s=prior_time, raw_stdout=not local_mode)
 
     shard = ray.train.get_dataset_shard("train")
     collate = _collate_class()(task.collate_fn, task.count_fn)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from typing import Optional
 
@@ -71,7 +72,8 @@ class Progress:
     def __init__(self, *, name: str, rank: int, world: int, total_steps: int, samples_per_step: int,
                  log_path: Optional[str], log_every: int, device: torch.device,
                  flops_per_token: Optional[float], start_step: int, log: list[dict],
-                 prior_train_time_s: float = 0.0):
+                 prior_train_time_s: float = 0.0, raw_stdout: bool = False):
+        self.raw_stdout = raw_stdout
         self.name, self.rank, self.world = name, rank, world
         self.total_steps, self.samples_per_step = total_steps, samples_per_step
         self.log_path, self.log_every, self.device = log_path, log_every, device
@@ -144,7 +146,7 @@ class Progress:
         if "mfu" in m:
             line += f" | MFU {100 * m['mfu']:.1f}%"
         line += f" | eta {fmt_duration(m['eta_s'] if m['eta_s'] >= 0 else float('inf'))}"
-        print(line, flush=True)
+        emit(line, self.raw_stdout)
 
     # -- the log file ----------------------------------------------------------------------------
     def _lines(self, entries: list[dict]) -> bytes:
@@ -161,6 +163,16 @@ class Progress:
         with open(self.log_path, "ab") as fh:
             fh.write(self._lines(self.log[self._written:]))
         self._written = len(self.log)
+
+
+def emit(line: str, raw_stdout: bool) -> None:
+    """Print a progress line. In a Ray Train worker, `print` goes through Train's patched logger and
+    reaches the driver twice; writing to the process's real stdout reaches it once."""
+    if raw_stdout:
+        sys.__stdout__.write(line + "\n")
+        sys.__stdout__.flush()
+    else:
+        print(line, flush=True)
 
 
 def read_train_log(path: str) -> list[dict]:
