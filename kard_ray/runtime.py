@@ -22,6 +22,10 @@ def init_ray(cfg: KardConfig):
 
     if ray.is_initialized():
         return ray
+    # Quiet by default (progress comes from the pipeline's own lines); users can set these themselves.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "TOKENIZERS_"))}
     runtime_env = {"env_vars": env} if env else None
     address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
@@ -30,6 +34,8 @@ def init_ray(cfg: KardConfig):
     else:
         ray.init(num_cpus=cfg.resources.num_cpus, runtime_env=runtime_env, include_dashboard=False,
                  logging_level=logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(os.environ.get("KARD_PROGRESS_BARS"))
     return ray
