@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 
 
@@ -20,19 +18,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.n_samples=5 run_dir=/tmp/run")
     args = p.parse_args(argv)
 
-    import ray
-
     from kard_ray.config import load_config
     from kard_ray.io import RunDir
+    from kard_ray.runtime import init_ray
     from kard_ray.teacher import generate_rationales
 
     cfg = load_config(args.config, args.overrides)
-    address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
-    if address:  # a cluster (resources.address, or the job's under `ray job submit`): no num_cpus
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:  # embedded: a local instance with resources.num_cpus logical CPUs
-        ray.init(num_cpus=cfg.resources.num_cpus, logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(cfg)  # joins the job's cluster under `ray job submit`, else starts a local Ray
     stats = generate_rationales(cfg, RunDir(cfg.run_dir))
     print(json.dumps(stats, indent=2))
     return 0
