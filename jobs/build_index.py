@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
 
 
@@ -43,14 +41,10 @@ def main(argv: list[str] | None = None) -> int:
     from kard_ray.config import load_config
     from kard_ray.io import RunDir
     from kard_ray.knowledge import build_indexes, ingest_corpus
+    from kard_ray.runtime import init_ray
 
     cfg = load_config(args.config, args.overrides)
-    address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
-    if address:  # a cluster (resources.address, or the job's under `ray job submit`): no num_cpus
-        ray.init(address=address, logging_level=logging.WARNING)
-    else:  # embedded: a local instance with resources.num_cpus logical CPUs
-        ray.init(num_cpus=cfg.resources.num_cpus, logging_level=logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    init_ray(cfg)  # joins the job's cluster under `ray job submit`, else starts a local Ray
     run = RunDir(cfg.run_dir)
     stats = {"ingest": ingest_corpus(corpus_paths(cfg, run), run, cfg.knowledge, cfg.data.max_rejected_fraction)}
     stats["indexes"] = build_indexes(run, cfg.knowledge)

@@ -19,7 +19,6 @@ import pyarrow as pa
 
 from kard_ray import io
 from kard_ray.config import KardConfig
-from kard_ray.data import schemas
 from kard_ray.evaluation.generator import StudentGenerator
 
 STUDENT_OF = {"ft": "student_ft", "rd": "student_rd", "kard_bm25": "student_kard",
