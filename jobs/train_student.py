@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from kard_ray.training.student import train_student
 
     cfg = load_config(args.config, args.overrides)
+    import ray as _ray
+
+    started_here = not _ray.is_initialized()  # leave a caller's Ray running
     ray = init_ray(cfg)
     run = RunDir(cfg.run_dir)
     init = args.init_model or resolve_model(cfg.student.model, cfg.student.tiny, run, "t5", cfg.seed)
@@ -44,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         r = train_student(cfg, run, v, init, resume=not args.fresh, fail_at_step=args.fail_at_step)
         r.pop("loss_curve", None)
         print(json.dumps({"variant": v, **r}), flush=True)
-    ray.shutdown()
+    if started_here:
+        ray.shutdown()  # stop the Ray Data / Train workers before the interpreter exits
     return 0
 
 

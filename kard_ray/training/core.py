@@ -288,6 +288,7 @@ def train_loop_per_worker(config: dict) -> None:
     skip = (step % spe) * accum  # micro-batches of the current epoch already trained on
     last_ckpt = step if restored else -1
     ckpt_every = 0 if local_mode else cfg.checkpoint_every_steps
+    metrics = None
 
     while step < plan.total_steps:
         it = shard.iter_torch_batches(
@@ -338,7 +339,9 @@ def train_loop_per_worker(config: dict) -> None:
                     f"expected {plan.micro_per_epoch} ({plan.rows_per_rank} rows / batch {cfg.batch_size})")
         epoch += 1
 
-    metrics = progress.flush(step)
+    if metrics is None:  # resumed at the last step: nothing trained in this attempt
+        metrics = progress.flush(step)
+    # throughput as of the last step (the final checkpoint's I/O is not training time)
     _export(engine, task, config, plan, metrics, progress, rank, world, last_ckpt == step)
 
 
