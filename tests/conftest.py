@@ -105,3 +105,30 @@ def tiny_bert_dir(tmp_path_factory, synthetic_task, tiny_cfg) -> str:
     from kard_ray.models import save_tiny_model
 
     return save_tiny_model("bert", task_texts(synthetic_task), tiny_cfg, str(tmp_path_factory.mktemp("tiny_bert")))
+
+
+# The demo at test size (configs/demo.yaml with fewer entities and steps): RD and KARD students, the
+# reranker, evaluation. Shared by the pipeline tests (the KARD effect, artifacts, stage skipping) and the
+# Serve tests (served answers equal these offline predictions), so the suite trains it once.
+DEMO_TEST_OVERRIDES = [
+    "methods=[rd,kard_bm25,kard_reranker]",
+    "data.synthetic.n_train_entities=240",
+    "data.synthetic.n_test_entities=25",
+    "student.max_steps=1000",
+    "student.cpus_per_worker=2",
+    "student.checkpoint_every_steps=0",
+    "reranker.max_steps=100",
+    "eval.oracle=false",
+]
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_session, tmp_path_factory):
+    """(config, manifest) of one finished pipeline run at test size (KARD_TEST_DEMO_RUN_DIR reuses one)."""
+    from kard_ray import pipeline
+    from kard_ray.config import load_config
+
+    run_dir = os.environ.get("KARD_TEST_DEMO_RUN_DIR") or str(tmp_path_factory.mktemp("demo_run"))
+    cfg = load_config(str(REPO / "configs" / "demo.yaml"), DEMO_TEST_OVERRIDES + [f"run_dir={run_dir}"])
+    manifest = pipeline.run(cfg)
+    return cfg, manifest

@@ -25,44 +25,15 @@ import numpy as np
 import pytest
 
 from kard_ray import io
-from kard_ray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 PORT = 8123
 BASE = f"http://127.0.0.1:{PORT}"
 
-# A run at the smallest size that still gives input-dependent generations (80 student steps at a high
-# learning rate: the student copies entity names; 5 steps only repeat one word). Both KARD methods, so
-# the run has a reranker and the served method is kard_reranker.
-TINY_RUN_OVERRIDES = [
-    "methods=[kard_bm25,kard_reranker]",
-    "eval.oracle=false",
-    "data.synthetic.n_train_entities=20",
-    "data.synthetic.n_test_entities=5",
-    "student.max_steps=80",
-    "student.lr=5e-3",
-    "student.batch_size=16",
-    "student.checkpoint_every_steps=0",
-    "student.log_every_steps=20",
-    "student.tiny={d_model: 64, n_layers: 1, n_heads: 2, d_ff: 128, vocab_size: 600}",
-    "reranker.max_steps=5",
-    "reranker.batch_size=4",
-    "reranker.log_every_steps=5",
-    "reranker.tiny={d_model: 32, n_layers: 1, n_heads: 2, d_ff: 64, vocab_size: 600}",
-    "eval.max_new_tokens=24",
-]
-
-
 @pytest.fixture(scope="module")
-def tiny_run(ray_session, tmp_path_factory) -> str:
-    """A finished pipeline run (questions → ... → evaluate) at test size; returns its directory."""
-    from kard_ray import pipeline
-
-    # KARD_TEST_SERVE_RUN_DIR keeps the run between test sessions while developing: the pipeline
-    # then skips every finished stage whose config is unchanged (its resume feature), in seconds.
-    run_dir = os.environ.get("KARD_TEST_SERVE_RUN_DIR") or str(tmp_path_factory.mktemp("serve_run"))
-    cfg = load_config(str(REPO / "configs" / "demo.yaml"), TINY_RUN_OVERRIDES + [f"run_dir={run_dir}"])
-    pipeline.run(cfg)
+def tiny_run(demo_run) -> str:
+    """The finished test-size demo run (conftest.demo_run: RD, KARD-BM25, KARD-reranker); its directory."""
+    cfg, _ = demo_run
     run = io.RunDir(cfg.run_dir)
     for method in ("kard_bm25", "kard_reranker"):
         assert io.exists(run.path("eval", "predictions", method))
