@@ -79,13 +79,15 @@ def format_source(question: str, options: list[str], passages: list[str] | None,
     return f"{instruction}\nQuestion: {format_question(question, options)}\nKnowledge: {knowledge}{SOURCE_SUFFIX}"
 
 
-def format_target(rationale: str | None, answer_letter: str) -> str:
-    """"{rationale}\\nAnswer: {letter}" (KARD, RD); rationale=None gives FT's target "Answer: {letter}".
+def format_target(rationale: str | None, answer_letter: str, answer_text: str | None = None) -> str:
+    """"{rationale}\\nAnswer: {letter}" (KARD, RD); rationale=None gives FT's answer-only target.
 
-    FT keeps the "Answer: " prefix so one answer parser reads every method's output.
+    FT's target is the answer alone — the option's text, then "Answer: {letter}" — so one parser reads
+    every method's output and FT can be scored by text as well as by letter (tiny from-scratch students
+    are scored by text, KARD.md §5). Without `answer_text` it is just "Answer: {letter}".
     """
     if rationale is None:
-        return f"Answer: {answer_letter}"
+        return f"{answer_text.strip()}\nAnswer: {answer_letter}" if answer_text else f"Answer: {answer_letter}"
     return f"{rationale.strip()}\nAnswer: {answer_letter}"
 
 
@@ -285,7 +287,7 @@ def _format_batch(batch: pa.Table, variant: str, dataset: str) -> pa.Table:
             passages = [format_passage(t, x) for t, x in zip(r["passage_titles"], r["passage_texts"])]
         sources.append(format_source(r["question"], r["options"], passages, dataset))
         letter = answer_letter(r["answer"], len(r["options"]))
-        targets.append(format_target(None if variant == "ft" else r["rationale"], letter))
+        targets.append(format_target(None if variant == "ft" else r["rationale"], letter, r["options"][r["answer"]]))
     return pa.table({"question_id": [r["question_id"] for r in rows], "sample": pa.array([r["sample"] for r in rows], pa.int64()),
                      "source": sources, "target": targets})
 
