@@ -73,9 +73,12 @@ class StudentGenerator:
 
     def generate(self, sources: list[str]) -> list[list[str]]:
         """`n_votes` generations per source (one when greedy)."""
+        from kard_ray.training.student import encode_sources
+
         torch = self.torch
-        enc = self.tokenizer(sources, return_tensors="pt", padding=True, truncation=True,
-                             max_length=self.max_source_length).to(self.device)
+        # Truncate exactly as training did (the middle goes, the "Explanation:" cue stays).
+        ids = encode_sources(self.tokenizer, sources, self.max_source_length)
+        enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
         kw = dict(max_new_tokens=self.max_new_tokens)
         if self.decoding == "sample":
             torch.manual_seed(self.seed)
