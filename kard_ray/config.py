@@ -306,12 +306,14 @@ class StudentConfig(TrainingConfig):
     max_source_length: int = _f(512, "Source tokens (question + options + knowledge); longer is truncated.")
     max_target_length: Optional[int] = _f(None, "Target tokens; null = never truncated.")
     max_rationales_per_question: Optional[int] = _f(None, "Use at most this many kept rationales per question.")
+    ft_max_steps: Optional[int] = _f(None, "Steps for the FT baseline (answer-only targets converge in a fraction of the steps); null = max_steps.")
 
     def __post_init__(self):
         self._check_training("student")
         _check(self.n_knowledge >= 1, "student.n_knowledge", "must be >= 1")
         _check(self.max_source_length >= 16, "student.max_source_length", "must be >= 16")
         _check(self.max_target_length is None or self.max_target_length >= 4, "student.max_target_length", "must be >= 4 or null")
+        _check(self.ft_max_steps is None or self.ft_max_steps >= 1, "student.ft_max_steps", "must be >= 1 or null")
 
 
 @dataclass

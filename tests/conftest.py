@@ -112,9 +112,8 @@ def tiny_bert_dir(tmp_path_factory, synthetic_task, tiny_cfg) -> str:
 # Serve tests (served answers equal these offline predictions), so the suite trains it once.
 DEMO_TEST_OVERRIDES = [
     "methods=[rd,kard_bm25,kard_reranker]",
-    "data.synthetic.n_train_entities=240",
     "data.synthetic.n_test_entities=25",
-    "student.max_steps=1200",
+    "student.max_steps=1300",
     "student.checkpoint_every_steps=0",
     "reranker.max_steps=100",
     "eval.oracle=false",

@@ -18,7 +18,7 @@ from kard_ray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-KARD_MINUS_RD_MARGIN = 0.10  # asserted below; configs/demo.yaml's full run shows a larger gap (README)
+KARD_MINUS_RD_MARGIN = 0.10  # asserted below; measured margins are in the README
 
 DESIGN_ARTIFACTS = ["manifest.json", "config.yaml", "questions/train.parquet", "questions/test.parquet", "passages",
                     "index/bm25", "rationales", "examples/student_kard", "examples/student_rd", "models/student_kard",
@@ -40,7 +40,7 @@ def test_demo_kard_beats_rd_on_unseen_entities(demo_run):
     assert rerank - rd >= KARD_MINUS_RD_MARGIN, metrics
     assert bm25 > rd, metrics
     counts = manifest["stages"]["student"]["counts"]
-    assert counts["kard"]["steps"] == counts["rd"]["steps"] == 1200
+    assert counts["kard"]["steps"] == counts["rd"]["steps"] == 1300
     hits = io.read_json(run.path("eval", "reranker_metrics.json"))
     print("reranker Hits:", json.dumps(hits)[:300])
 
@@ -165,7 +165,7 @@ def test_strategyqa_smoke_config_runs_on_real_data(ray_session, shared_data, tmp
     manifest = pipeline.run(cfg)
     st = manifest["stages"]
     assert st["questions"]["counts"]["train_questions"] == 100 and st["questions"]["counts"]["test_questions"] == 50
-    assert st["teacher"]["counts"]["n_rationales"] == 1200
+    assert st["teacher"]["counts"]["n_rationales"] == 1000
     assert st["knowledge"]["counts"]["passages"] >= 11_000
     metrics = io.read_json(str(tmp_path / "eval" / "metrics.json"))["methods"]
     assert set(metrics) >= {"rd", "kard_bm25", "kard_reranker"} and all(m["n"] == 50 for m in metrics.values())

@@ -13,6 +13,8 @@ training), so a long Knowledge field is cut while "\\nExplanation:" stays at the
 
 from __future__ import annotations
 
+import dataclasses
+
 import functools
 import string
 from typing import Literal, Optional, Sequence
@@ -361,7 +363,10 @@ def train_student(cfg: KardConfig, run: RunDir, variant: str, init_model: str, *
         raise ValueError("init_model='tiny': build it first (kard_ray.models.save_tiny_model) and pass its path")
     ds = student_dataset(cfg, run, variant, init_model)
     name = f"student_{variant}"
-    result = train(seq2seq_task(init_model), ds, cfg.student, output_dir=run.model(name),
+    train_cfg = cfg.student
+    if variant == "ft" and cfg.student.ft_max_steps is not None:
+        train_cfg = dataclasses.replace(cfg.student, max_steps=cfg.student.ft_max_steps)
+    result = train(seq2seq_task(init_model), ds, train_cfg, output_dir=run.model(name),
                    storage_path=cfg.resources.storage_path or run.checkpoints, name=name,
                    model_config={"init_model": init_model}, seed=cfg.seed, resume=resume, fail_at_step=fail_at_step)
     result.update({"variant": variant, "examples": ds.count(), "model_dir": run.model(name)})
