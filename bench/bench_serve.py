@@ -1,0 +1,284 @@
+"""Serving: the Serve graph (HTTP -> Ingress -> Retriever -> Reranker -> Generator, `kard_ray.serve.start`)
+vs calling the same three components in-process.
+
+    python bench/bench_serve.py [--concurrency 1,8,32] [--requests-per-client 6] [--data DIR] [--smoke]
+
+Both sides answer the same StrategyQA test questions with the same objects the deployments wrap:
+`knowledge.Retriever` (BM25, `--candidates` hits by question + options), `training.reranker.Reranker`
+(a tiny cross-encoder: top `k` = 1 of the candidates) and `evaluation.StudentGenerator` (a tiny T5,
+greedy, `--max-new-tokens`). The in-process side is the Ingress's logic without Ray: each request
+runs retrieve -> rerank -> generate, model calls in worker threads one at a time per component (the
+deployments' locks), and the generator batches concurrent requests exactly like `@serve.batch`
+(`serve.max_batch_size`, `serve.batch_wait_timeout_s`). Clients are closed loops: `c` clients each
+send their next request when the last one returns (Serve: JSON over HTTP with httpx; in-process: a
+coroutine call). Thread budget: one torch thread per component on both sides.
+
+Figures per concurrency: p50/p99 latency and requests/s each side; overhead = Serve p50 - in-process p50.
+Last line: `RATIO serve <in-process p50 / Serve p50 at concurrency 1>` (higher is better, 1.0 = no
+overhead); the target is on the overhead: p50 overhead <= 15 ms per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+
+import common
+
+
+class Batcher:
+    """`@serve.batch` semantics in plain asyncio (serve.batch itself needs a replica context): the
+    first waiting item opens a batch, which closes when full or `wait_s` later; one batch at a time."""
+
+    def __init__(self, fn, max_batch_size: int, wait_s: float):
+        self.fn, self.max, self.wait_s = fn, max_batch_size, wait_s
+        self.queue: asyncio.Queue | None = None
+        self.worker: asyncio.Task | None = None
+
+    async def submit(self, item):
+        if self.queue is None:
+            self.queue = asyncio.Queue()
+            self.worker = asyncio.create_task(self._run())
+        fut = asyncio.get_running_loop().create_future()
+        await self.queue.put((item, fut))
+        return await fut
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self.queue.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self.queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            try:
+                results = await asyncio.to_thread(self.fn, [b[0] for b in batch])
+                for (_, fut), r in zip(batch, results):
+                    fut.set_result(r)
+            except Exception as e:  # every waiter sees the failure
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+
+    def close(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+            self.worker = None
+            self.queue = None
+
+
+def _locked(lock: threading.Lock, fn, *a):
+    with lock:
+        return fn(*a)
+
+
+class InProcess:
+    """The three components in this process, chained like the Ingress chains the deployments."""
+
+    def __init__(self, cfg, run_root: str):
+        from kard_ray.evaluation import StudentGenerator
+        from kard_ray.io import RunDir
+        from kard_ray.knowledge import Retriever
+        from kard_ray.training.reranker import Reranker
+
+        run = RunDir(run_root)
+        e = cfg.eval
+        self.retriever = Retriever.from_run_dir(run.root, cfg.knowledge, num_threads=1)
+        self.reranker = Reranker.from_dir(run.model("reranker"), max_length=cfg.reranker.max_length, device="cpu")
+        self.student = StudentGenerator(
+            run.model("student_kard"), cfg.data.dataset, max_new_tokens=e.max_new_tokens, decoding=e.decoding,
+            n_votes=e.n_votes, temperature=e.temperature, max_source_length=cfg.student.max_source_length,
+            score_by=e.score_by, seed=cfg.seed, device="cpu")
+        self.k, self.k_star = cfg.eval.k, cfg.reranker.k_star
+        self.locks = [threading.Lock() for _ in range(3)]
+        self.batcher = Batcher(self._predict, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
+
+    def _predict(self, items):
+        return self.student.predict([q for q, _, _ in items], [o for _, o, _ in items], [p for _, _, p in items])
+
+    async def answer(self, question: str, options: list[str]) -> dict:
+        from kard_ray.evaluation.evaluate import question_query
+        from kard_ray.knowledge import format_passage
+        from kard_ray.serve.deployments import top_k
+
+        query = question_query(question, options)
+        t0 = time.perf_counter()
+        found = (await asyncio.to_thread(_locked, self.locks[0], self.retriever.search, [query], self.k_star))[0]
+        t1 = time.perf_counter()
+        texts = [format_passage(p.get("title"), p["text"]) for p in found]
+        scores = await asyncio.to_thread(_locked, self.locks[1], self.reranker.rerank, query, texts)
+        passages = [found[i] for i in top_k(scores, self.k)]
+        t2 = time.perf_counter()
+        pred = await self.batcher.submit((question, list(options), [format_passage(p.get("title"), p["text"])
+                                                                      for p in passages]))
+        t3 = time.perf_counter()
+        return {"generation": pred.generation, "answer_index": pred.pred_index,
+                "timings_ms": {"retrieve": 1000 * (t1 - t0), "rerank": 1000 * (t2 - t1), "generate": 1000 * (t3 - t2)}}
+
+
+async def closed_loop(call, requests: list[dict], clients: int, per_client: int) -> tuple[list[float], float, list]:
+    """`clients` clients, each sending `per_client` requests back to back; (latencies s, wall s, answers)."""
+    lat: list[float] = []
+    answers: list = [None] * (clients * per_client)
+
+    async def client(c: int):
+        for j in range(per_client):
+            i = c * per_client + j
+            req = requests[i % len(requests)]
+            t0 = time.perf_counter()
+            answers[i] = await call(req)
+            lat.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(c) for c in range(clients)))
+    return lat, time.perf_counter() - t0, answers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = common.parser(__doc__.splitlines()[0])
+    p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--requests-per-client", type=int, default=None,
+                   help="requests each client sends per timed run (default: 16 at c=1, 4 at c=8, 2 at c=32)")
+    p.add_argument("--candidates", type=int, default=10, help="BM25 candidates handed to the reranker (k*)")
+    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-source", type=int, default=256)
+    p.add_argument("overrides", nargs="*", help="extra config overrides for both sides, e.g. serve.max_batch_size=16")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.concurrency, args.requests_per_client, args.max_new_tokens, args.candidates = "1,4", 2, 4, 4
+    repeats = args.repeats or (1 if args.smoke else 3)
+    levels = [int(c) for c in args.concurrency.split(",")]
+    data = common.data_dir(args.data, (common.PASSAGES_FILE, "train.jsonl", "test.jsonl"))
+    rep = common.Report("serve", args)
+
+    import httpx
+
+    from kard_ray import io
+    from kard_ray.config import load_config
+
+    common.set_threads(1)
+    root = common.bench_run(args, data)
+    questions = io.read_table(io.RunDir(root).questions("test")).to_pylist()
+    requests = [{"question": q["question"], "options": q["options"]} for q in questions[:64]]
+    port = free_port()
+    cfg = load_config(None, [
+        "data.dataset=strategyqa", f"data.train_path={data / 'train.jsonl'}", f"run_dir={root}",
+        f"student.max_source_length={args.max_source}", f"eval.max_new_tokens={args.max_new_tokens}", "eval.k=1",
+        "eval.decoding=greedy", f"reranker.k_star={args.candidates}", f"serve.port={port}", "serve.max_batch_size=8",
+        "serve.batch_wait_timeout_s=0.01", "serve.request_timeout_s=120", *args.overrides])
+    if args.overrides:
+        rep.fig("config overrides", " ".join(args.overrides))
+    rep.fig("graph", "Retriever (BM25) -> Reranker (tiny cross-encoder) -> Generator (tiny T5, @serve.batch 8)")
+    rep.fig("candidates / k / max new tokens", f"{args.candidates} / 1 / {args.max_new_tokens}")
+    rep.fig("replicas", "1 each, num_cpus 0.25 (serve defaults)")
+
+    def per_client(c: int) -> int:
+        return args.requests_per_client or (16 if c == 1 else 4 if c <= 8 else 2)
+
+    # Both sides live side by side and are timed in alternation (in-process, Serve, in-process, ...),
+    # so a change in machine load hits both alike; the idle side costs next to nothing meanwhile.
+    from ray import serve
+
+    from kard_ray.serve import start
+
+    local = InProcess(cfg, root)
+    started = common.ray_init()
+    try:
+        t0 = time.perf_counter()
+        start(cfg, root, method="kard_reranker")
+        rep.fig("serve deploy time", time.perf_counter() - t0, "s")
+        url = f"http://127.0.0.1:{port}/v1/answer"
+
+        async def run_both():
+            runs = {"local": {c: [] for c in levels}, "serve": {c: [] for c in levels}}
+            limits = httpx.Limits(max_connections=max(levels) + 4, max_keepalive_connections=max(levels) + 4)
+            async with httpx.AsyncClient(timeout=180.0, limits=limits) as client:
+                async def via_http(r):
+                    resp = await client.post(url, json={**r, "return_passages": False})
+                    if resp.status_code != 200:
+                        raise RuntimeError(f"Serve answered {resp.status_code}: {resp.text[:300]}")
+                    body = resp.json()
+                    return {"generation": body["generation"], "answer_index": body["answer_index"],
+                            "timings_ms": body["timings_ms"]}  # measured inside the Ingress, per hop
+
+                def in_process(r):
+                    return local.answer(r["question"], r["options"])
+
+                calls = {"local": in_process, "serve": via_http}
+                for call in calls.values():  # warm-up: connections, first model calls, batcher start
+                    await closed_loop(call, requests, 2, 2)
+                for c in levels:
+                    for _ in range(repeats):
+                        for side, call in calls.items():
+                            runs[side][c].append(await closed_loop(call, requests, c, per_client(c)))
+            local.batcher.close()
+            return runs
+
+        both = asyncio.run(run_both())
+    finally:
+        serve.shutdown()
+        if started:
+            import ray
+
+            ray.shutdown()
+    local_runs, serve_runs = both["local"], both["serve"]
+
+    # -- figures
+    series = {}
+    ratio = float("nan")
+    for c in levels:
+        row = {}
+        for side, runs in (("local", local_runs[c]), ("serve", serve_runs[c])):
+            row[f"{side}_p50_ms"] = 1000 * common.median([common.pct(lat, 50) for lat, _, _ in runs])
+            row[f"{side}_p99_ms"] = 1000 * common.median([common.pct(lat, 99) for lat, _, _ in runs])
+            row[f"{side}_rps"] = common.median([len(lat) / wall for lat, wall, _ in runs])
+        row["p50_overhead_ms"] = row["serve_p50_ms"] - row["local_p50_ms"]
+        series[c] = row
+        rep.fig(f"c={c}: p50 ms in-process / Serve", f"{row['local_p50_ms']:.1f} / {row['serve_p50_ms']:.1f}", "ms")
+        rep.fig(f"c={c}: p99 ms in-process / Serve", f"{row['local_p99_ms']:.1f} / {row['serve_p99_ms']:.1f}", "ms")
+        rep.fig(f"c={c}: requests/s in-process / Serve", f"{row['local_rps']:.2f} / {row['serve_rps']:.2f}", "req/s")
+        rep.fig(f"c={c}: p50 overhead (Serve - in-process)", row["p50_overhead_ms"], "ms")
+    rep.data["series"] = series
+    # where a request's time goes at the first concurrency level: each stage as the caller sees it
+    # (Serve: measured in the Ingress around each handle call; in-process: around each call), and
+    # the rest (Serve: HTTP client + proxy + Ingress; in-process: the coroutine chain)
+    c0 = levels[0]
+    for side, runs in (("in-process", local_runs[c0]), ("Serve", serve_runs[c0])):
+        answers = [a for _, _, ans in runs for a in ans]
+        lat = [l for lat, _, _ in runs for l in lat]
+        stages = {st: common.median([a["timings_ms"][st] for a in answers]) for st in ("retrieve", "rerank", "generate")}
+        rest = common.median(lat) * 1000 - sum(stages.values())
+        rep.fig(f"c={c0} {side}: median ms retrieve / rerank / generate / rest",
+                " / ".join(f"{v:.1f}" for v in [*stages.values(), rest]), "ms")
+        rep.data.setdefault("breakdown_ms", {})[side] = {**stages, "rest": rest}
+    # like for like: the same answers for the same questions (greedy, same models)
+    a = [x["generation"] for x in serve_runs[levels[0]][0][2]]
+    b = [x["generation"] for x in local_runs[levels[0]][0][2]]
+    rep.fig("identical answers Serve vs in-process (first run)", f"{sum(x == y for x, y in zip(a, b))}/{len(b)}")
+    first = series[levels[0]]
+    ratio = first["local_p50_ms"] / first["serve_p50_ms"]
+    rep.data["overhead_target_ms"] = 15.0
+    rep.data["overhead_met"] = first["p50_overhead_ms"] <= 15.0
+    rep.note(f"target: p50 overhead <= 15 ms per request; measured {first['p50_overhead_ms']:.1f} ms at c={levels[0]}")
+    rep.finish(ratio, target=None, ratio_label="in-process p50 / Serve p50 (c=1)",
+               extra_ratios={f"c={c}: Serve req/s / in-process req/s": round(series[c]["serve_rps"] / series[c]["local_rps"], 3)
+                             for c in levels})
+    return rep.data
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Run every benchmark on this machine, one after another, and regenerate bench/RESULTS.md.
+#
+#   bash bench/run_all.sh [--data DIR] [--smoke]      # ~15 min on a 2-core machine (--smoke: ~2 min)
+#
+# Each script prints its figures and ends with `RATIO <name> <value>`; its JSON goes to
+# bench/results/<name>.json (bench/results-smoke/ with --smoke, leaving the real results alone) and
+# bench/report.py turns them into RESULTS.md. A script that fails is reported and the others still
+# run; the exit status is non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+extra=()
+results=bench/results
+out=bench/RESULTS.md
+for a in "$@"; do
+  extra+=("$a")
+  if [[ "$a" == "--smoke" ]]; then results=bench/results-smoke; out=bench/results-smoke/RESULTS.md; fi
+done
+mkdir -p "$results"
+# Other benchmarks' inputs are cached under KARD_BENCH_WORK (tiny models, the run directory, indexes).
+export KARD_BENCH_WORK="${KARD_BENCH_WORK:-/tmp/kard_bench}"
+start=$(date +%s)
+failed=()
+for name in bm25 embed train generate serve; do
+  echo "=== $name ($(date +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg)) ==="
+  rm -f "$results/$name.json"
+  if ! python "bench/bench_$name.py" --out "$results/$name.json" "${extra[@]}"; then
+    echo "!!! bench_$name.py failed" >&2
+    failed+=("$name")
+  fi
+done
+wall=$(( $(date +%s) - start ))
+python bench/report.py --results "$results" --out "$out" --wall-s "$wall" --command "bash bench/run_all.sh $*"
+echo "=== done in $((wall / 60)) min $((wall % 60)) s ==="
+if (( ${#failed[@]} )); then
+  echo "failed: ${failed[*]}" >&2
+  exit 1
+fi
