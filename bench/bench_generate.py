@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
     rep.fig("identical generations (Ray stage vs baseline)", f"{same}/{len(b)}")
     if len(a) != len(b):
         raise AssertionError(f"the Ray stage answered {len(a)} questions, the baseline {len(b)}")
-    rep.finish(st["paired_ratio"], target=0.8, extra_ratios={
+    rep.finish(st["paired_ratio"], target=0.8, ratio_label="Ray Data evaluation stage / bare generate loop, steady questions/s",
+               extra_ratios={
         "steady, of medians": round(st["ratio_of_medians"], 3),
         "end-to-end (fixed costs included)": round(st["end_to_end_ratio"], 3)})
     return rep.data

@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         extra[f"{label.get(main_side, main_side)} / bare, {name}"] = round(med[main_side][m] / med["bare"][m], 3)
     if main_side != "core_w1":
         rep.note(f"smoke/partial run: the ratio is the {label.get(main_side, main_side)} one")
-    rep.finish(ratio, target=0.85, extra_ratios=extra)
+    rep.finish(ratio, target=0.85, ratio_label=f"{label.get(main_side, main_side)} / bare PyTorch loop, samples/s",
+               extra_ratios=extra)
     return rep.data
 
 

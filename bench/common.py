@@ -180,7 +180,8 @@ def bench_run(args, data: Path) -> str:
     from kard_ray.knowledge import BM25Index
 
     smoke = bool(args.smoke)
-    root = os.path.join(args.work, "run_smoke" if smoke else "run")
+    # versioned: a change to what goes in here must not reuse an old cache
+    root = os.path.join(args.work, f"run_v1{'_smoke' if smoke else ''}")
     run = RunDir(root)
     done = os.path.join(root, ".complete")
     if os.path.exists(done):
@@ -379,12 +380,14 @@ class Report:
         self.name = name
         self.args = args
         self.t0 = time.time()
-        self.data: dict[str, Any] = {"name": name, "smoke": bool(args.smoke), "command": " ".join(sys.argv),
+        self.data: dict[str, Any] = {"name": name, "smoke": bool(args.smoke), "command": " ".join(["python", *sys.argv]),
                                      "load_start": [round(x, 1) for x in os.getloadavg()], "figures": {},
                                      "notes": []}
 
     def fig(self, key: str, value: Any, unit: str = "") -> Any:
         self.data["figures"][key] = value
+        if unit:
+            self.data.setdefault("units", {})[key] = unit
         shown = f"{value:.4g}" if isinstance(value, float) else value
         print(f"  {key:<44} {shown} {unit}".rstrip(), flush=True)
         return value

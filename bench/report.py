@@ -36,9 +36,9 @@ NO_GPU = "not run: no GPU lent to this task"
 
 
 def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    """A table cell: floats to 4 significant digits, `|` escaped (it would split the cell)."""
+    text = f"{v:.4g}" if isinstance(v, float) else str(v)
+    return text.replace("|", "\\|")
 
 
 def _verdict(r: dict) -> str:
@@ -66,6 +66,19 @@ def render(results: dict[str, dict], gpu_text: str | None, command: str, env: di
               "in alternation in one run, so both see the same load.", ""]
     if wall_s is not None:
         lines += [f"- Whole run: {wall_s / 60:.1f} min", ""]
+    lines += ["## Method", "",
+              "- Same inputs both sides: the Wikipedia slice (11,680 passages), StrategyQA teacher rationales and "
+              "test questions (`../shared/data/strategyqa`); the same models (tiny T5/BERT built offline, "
+              "identical weights), and each script checks that both sides produce the same output (BM25 top-k "
+              "overlap, identical vectors, identical generations, identical answers).",
+              "- Same thread budget: one torch thread per side (a Ray actor/worker reserving one CPU runs one "
+              "thread; the baseline calls `torch.set_num_threads(1)`); 2-actor runs are compared with 2 threads.",
+              "- Warm-up excluded on both sides. Embedding and generation: each side also runs on one batch; that "
+              "run carries the fixed costs (process/actor start-up, imports, model load), so (N - batch) / "
+              "(T(N) - T(batch)) is the steady-state rate; end-to-end rates (fixed costs included) are listed "
+              "beside it. Training: each step's start is stamped on both sides and the first steps are dropped.",
+              "- Sides are timed in alternation, and each ratio is the median over rounds of that round's ratio "
+              "(BM25: rank_bm25 is too slow to repeat; it runs once on a time-boxed subset of the queries).", ""]
     lines += ["## Summary", "", "| benchmark | ratio | what the ratio is | target | verdict |", "|---|---|---|---|---|"]
     for name in ORDER:
         if name not in results:
@@ -81,10 +94,11 @@ def render(results: dict[str, dict], gpu_text: str | None, command: str, env: di
         lines += [f"## {TITLES[name]}", "", f"Command: `{r['command']}` — {r['wall_s']:.0f} s, load "
                   f"{'/'.join(map(str, r['load_start']))} → {'/'.join(map(str, r['load_end']))}", "",
                   "| figure | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v)} |" for k, v in r["figures"].items()]
+        units = r.get("units", {})
+        lines += [f"| {_fmt(k)} | {_fmt(v)}{' ' + units[k] if k in units else ''} |" for k, v in r["figures"].items()]
         lines += [f"| **RATIO {name}** | **{r['ratio']:.4g}** |"]
         for k, v in (r.get("extra_ratios") or {}).items():
-            lines.append(f"| ratio: {k} | {_fmt(v)} |")
+            lines.append(f"| ratio: {_fmt(k)} | {_fmt(v)} |")
         lines.append("")
         for n in r.get("notes", []):
             lines.append(f"- {n}")

