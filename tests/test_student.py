@@ -146,7 +146,9 @@ def test_rd_and_ft_examples(student_run, synthetic_task):
     ft = _read(build_student_examples(cfg, run, "ft"))
     assert len(ft) == len(synthetic_task.train_questions)  # one per question, rationales unused
     by_id = {q["id"]: q for q in synthetic_task.train_questions}
-    assert all(e["target"] == f"Answer: {'ABCD'[by_id[e['question_id']]['answer']]}" for e in ft)
+    for e in ft:  # FT: the answer alone, its option text then its letter
+        q = by_id[e["question_id"]]
+        assert e["target"] == f"{q['options'][q['answer']]}\nAnswer: {'ABCD'[q['answer']]}"
 
 
 @pytest.mark.timeout(300)

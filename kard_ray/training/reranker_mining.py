@@ -76,21 +76,9 @@ def read_questions(run: RunDir, split: str) -> dict[str, dict]:
 
 def kept_rationales(run: RunDir, questions: dict[str, dict]) -> list[dict]:
     """Answer-consistent, non-empty rationales without a generation error, ordered by (question, sample)."""
-    path = run.rationales
-    if not io.exists(path):
-        raise FileNotFoundError(f"{path}: rationales not found (run the teacher stage first)")
-    table = io.read_table(path)
-    for col in ("question_id", "sample", "text", "consistent"):
-        if col not in table.column_names:
-            raise ValueError(f"{path}: missing column {col!r} (have {table.column_names})")
-    out = []
-    for i, r in enumerate(table.to_pylist()):
-        if r["question_id"] not in questions:
-            raise ValueError(f"{path}: row {i}: question_id {r['question_id']!r} is not in {run.questions('train')}")
-        if not r["consistent"] or r.get("error") or not (r["text"] or "").strip():
-            continue
-        out.append(r)
-    return sorted(out, key=lambda r: (r["question_id"], r["sample"]))
+    from kard_ray.training.student import read_kept_rationales
+
+    return read_kept_rationales(run, questions)
 
 
 def test_rationales_path(cfg: KardConfig, run: RunDir) -> Optional[str]:

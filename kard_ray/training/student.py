@@ -251,8 +251,10 @@ def _read_questions(run: RunDir) -> dict[str, dict]:
     return out
 
 
-def kept_rationales(cfg: KardConfig, run: RunDir, questions: dict[str, dict]) -> list[dict]:
-    """Answer-consistent rationales, at most `student.max_rationales_per_question` per question."""
+def read_kept_rationales(run: RunDir, questions: dict[str, dict], cap: Optional[int] = None,
+                         require_any: bool = False) -> list[dict]:
+    """Answer-consistent, non-empty rationales without a generation error, ordered by (question, sample);
+    at most `cap` per question. Shared by the student's and the reranker's example builders."""
     path = run.rationales
     if not io.exists(path):
         raise FileNotFoundError(f"{path}: rationales not found (run the teacher stage first)")
@@ -268,14 +270,18 @@ def kept_rationales(cfg: KardConfig, run: RunDir, questions: dict[str, dict]) ->
         if not r["consistent"] or r.get("error") or not (r["text"] or "").strip():
             continue
         kept.setdefault(r["question_id"], []).append(r)
-    cap = cfg.student.max_rationales_per_question
     out = []
     for qid in sorted(kept):
         rs = sorted(kept[qid], key=lambda r: r["sample"])
         out.extend(rs[:cap] if cap else rs)
-    if not out:
+    if require_any and not out:
         raise ValueError(f"{path}: no answer-consistent rationale to train on ({len(rows)} rows)")
     return out
+
+
+def kept_rationales(cfg: KardConfig, run: RunDir, questions: dict[str, dict]) -> list[dict]:
+    """Answer-consistent rationales, at most `student.max_rationales_per_question` per question."""
+    return read_kept_rationales(run, questions, cfg.student.max_rationales_per_question, require_any=True)
 
 
 def _format_batch(batch: pa.Table, variant: str, dataset: str) -> pa.Table:
