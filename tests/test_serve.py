@@ -107,7 +107,7 @@ def _check_schema(body: dict, options: list[str]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(3000)  # may build the shared demo run (conftest.demo_run)
 def test_answers_equal_offline_predictions_kard_reranker(tiny_run, served, client):
     from kard_ray.serve.api import split_rationale
 
