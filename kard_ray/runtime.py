@@ -32,7 +32,9 @@ def init_ray(cfg: KardConfig):
     if address:
         ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=cfg.resources.num_cpus, runtime_env=runtime_env, include_dashboard=False,
+        # "local": start our own instance even if `ray start` left a cluster on this machine (a bare
+        # ray.init() would join that one, and then refuse num_cpus). Set resources.address to join it.
+        ray.init(address="local", num_cpus=cfg.resources.num_cpus, runtime_env=runtime_env, include_dashboard=False,
                  logging_level=logging.WARNING)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     logging.getLogger("ray.train").setLevel(logging.WARNING)

@@ -59,7 +59,8 @@ def ray_session():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
+        # address="local": always a fresh instance, never a cluster another process left on the machine.
+        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}})
     ctx = ray.data.DataContext.get_current()
