@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -104,8 +105,9 @@ def _free_port() -> int:
 def test_ray_job_submit_runs_distill_on_a_real_head_node(tmp_path):
     """`ray start --head` on 127.0.0.1, `ray job submit ... jobs/distill.py`, wait for SUCCEEDED."""
     gcs_port, dash_port = _free_port(), _free_port()
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
+    # Ray 2.60's `ray start` turns token authentication on; the CLI then has to present the same token.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=4", "--include-dashboard=true",
