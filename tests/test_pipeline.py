@@ -124,13 +124,17 @@ def test_ray_job_submit_runs_distill_on_a_real_head_node(tmp_path):
             time.sleep(2)
         else:
             pytest.fail("the head node's job server never came up")
-        job = subprocess.run(
-            ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
-             "python", "jobs/distill.py", "--config", "configs/demo.yaml", f"run_dir={run_dir}", "methods=[rd,kard_bm25]",
-             "data.synthetic.n_train_entities=8", "data.synthetic.n_test_entities=2", "student.max_steps=3",
-             "student.tiny.d_model=32", "student.tiny.n_heads=2", "student.tiny.d_ff=64", "eval.max_new_tokens=8",
-             "eval.oracle=false"],
-            capture_output=True, text=True, env=env, check=True)
+        submit = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO), "--no-wait", "--",
+                  "python", "jobs/distill.py", "--config", "configs/demo.yaml", f"run_dir={run_dir}", "methods=[rd,kard_bm25]",
+                  "data.synthetic.n_train_entities=8", "data.synthetic.n_test_entities=2", "student.max_steps=3",
+                  "student.tiny.d_model=32", "student.tiny.n_heads=2", "student.tiny.d_ff=64", "eval.max_new_tokens=8",
+                  "eval.oracle=false"]
+        for _ in range(30):  # the job agent registers a few seconds after the job server answers
+            job = subprocess.run(submit, capture_output=True, text=True, env=env)
+            if job.returncode == 0 or "No available agent" not in job.stderr:
+                break
+            time.sleep(3)
+        assert job.returncode == 0, job.stderr[-3000:]
         job_id = next(line.split("'")[1] for line in job.stdout.splitlines() if "submitted successfully" in line)
         status = ""
         deadline = time.time() + 600
