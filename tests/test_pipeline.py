@@ -104,13 +104,17 @@ def _free_port() -> int:
 @pytest.mark.timeout(900)
 def test_ray_job_submit_runs_distill_on_a_real_head_node(tmp_path):
     """`ray start --head` on 127.0.0.1, `ray job submit ... jobs/distill.py`, wait for SUCCEEDED."""
-    gcs_port, dash_port = _free_port(), _free_port()
+    # Every port explicit: the test session's own Ray instance already holds the defaults (e.g. the
+    # dashboard agent's 52365), and a head node whose agent cannot bind never accepts a job.
+    gcs_port, dash_port, agent_port, agent_grpc, metrics_port, env_agent_port = (_free_port() for _ in range(6))
     # Ray 2.60's `ray start` turns token authentication on; the CLI then has to present the same token.
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
         ["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", "--num-cpus=4", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash_port}", f"--dashboard-agent-listen-port={agent_port}",
+         f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics_port}",
+         f"--runtime-env-agent-port={env_agent_port}", "--num-cpus=4", "--include-dashboard=true",
          "--disable-usage-stats"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)
     address = f"http://127.0.0.1:{dash_port}"
