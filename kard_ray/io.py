@@ -116,6 +116,22 @@ def iter_text_lines(path: str) -> Iterator[tuple[int, str]]:
             yield i, line
 
 
+def iter_json_objects(path: str) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-blank line of a JSONL file; a line that is not a JSON object
+    raises ValueError naming file and line."""
+    for line_no, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}:{line_no}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        yield where, row
+
+
 def write_table(table: pa.Table, path: str) -> None:
     """One parquet file (atomic on local disk)."""
     fs, p = resolve(path)

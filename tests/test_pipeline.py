@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -19,7 +20,7 @@ from kard_ray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-KARD_MINUS_RD_MARGIN = 0.10  # asserted below; measured margins are in the README
+KARD_MINUS_RD_MARGIN = 0.30  # asserted below; measured margins are in the README
 
 DESIGN_ARTIFACTS = ["manifest.json", "config.yaml", "questions/train.parquet", "questions/test.parquet", "passages",
                     "index/bm25", "rationales", "examples/student_kard", "examples/student_rd", "models/student_kard",
@@ -41,7 +42,7 @@ def test_demo_kard_beats_rd_on_unseen_entities(demo_run):
     assert rerank - rd >= KARD_MINUS_RD_MARGIN, metrics
     assert bm25 > rd, metrics
     counts = manifest["stages"]["student"]["counts"]
-    assert counts["kard"]["steps"] == counts["rd"]["steps"] == 1300
+    assert counts["kard"]["steps"] == counts["rd"]["steps"] == 1800
     hits = io.read_json(run.path("eval", "reranker_metrics.json"))
     print("reranker Hits:", json.dumps(hits)[:300])
 
@@ -102,9 +103,6 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-@pytest.mark.skipif(os.environ.get("KARD_TEST_JOB_SUBMIT") != "1", reason=(
-    "not yet green on a 2-core box beside the session's own Ray: a second head node's job agent did not "
-    "accept the job within the limit; KARD_TEST_JOB_SUBMIT=1 runs it (open work, see the closing note)"))
 def test_ray_job_submit_runs_distill_on_a_real_head_node(tmp_path):
     """`ray start --head` on 127.0.0.1, `ray job submit ... jobs/distill.py`, wait for SUCCEEDED."""
     # Every port explicit: the test session's own Ray instance already holds the defaults (e.g. the
@@ -143,16 +141,20 @@ def test_ray_job_submit_runs_distill_on_a_real_head_node(tmp_path):
             time.sleep(3)
         assert job.returncode == 0, job.stderr[-3000:]
         job_id = next(line.split("'")[1] for line in job.stdout.splitlines() if "submitted successfully" in line)
-        status = ""
+        # `ray job status` ends with "Job '<id>' succeeded|failed|stopped" (on stderr, lower case) once
+        # the job is terminal; until then "... is currently running" / "pending".
+        final, status = None, ""
         deadline = time.time() + 600
-        while time.time() < deadline:
-            status = subprocess.run(["ray", "job", "status", "--address", address, job_id], capture_output=True,
-                                    text=True, env=env).stdout
-            if any(s in status for s in ("SUCCEEDED", "FAILED", "STOPPED")):
-                break
-            time.sleep(5)
+        while final is None and time.time() < deadline:
+            r = subprocess.run(["ray", "job", "status", "--address", address, job_id], capture_output=True,
+                               text=True, env=env)
+            status = r.stdout + r.stderr
+            m = re.search(rf"Job '{job_id}' (succeeded|failed|stopped)", status)
+            final = m.group(1) if m else None
+            if final is None:
+                time.sleep(3)
         logs = subprocess.run(["ray", "job", "logs", "--address", address, job_id], capture_output=True, text=True, env=env).stdout
-        assert "SUCCEEDED" in status, f"{status}\n{logs[-4000:]}"
+        assert final == "succeeded", f"{status[-2000:]}\n{logs[-4000:]}"
         assert "| rd |" in logs and "| kard_bm25 |" in logs, "the job prints the results table"
         manifest = json.loads((run_dir / "manifest.json").read_text())
         assert [s for s, e in manifest["stages"].items() if e["status"] == "done"] == \

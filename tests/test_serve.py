@@ -113,7 +113,7 @@ def test_answers_equal_offline_predictions_kard_reranker(tiny_run, served, clien
 
     offline = _offline(tiny_run, "kard_reranker")
     questions = _test_questions(tiny_run)
-    assert len(questions) == len(offline) == 20
+    assert len(questions) == len(offline) > 0  # every test question was evaluated offline
     generations = set()
     for q in questions:
         r = client.post("/v1/answer", json={"question": q["question"], "options": list(q["options"])})

@@ -61,16 +61,7 @@ def _from_response(resp: dict, where: str) -> tuple[list[str], list[Optional[int
 def load_teacher_records(path: str) -> dict[str, TeacherRecord]:
     """{question id: TeacherRecord} from either import format; bad lines raise naming file:line:field."""
     out: dict[str, TeacherRecord] = {}
-    for line_no, line in io.iter_text_lines(path):
-        if not line.strip():
-            continue
-        where = f"{path}:{line_no}"
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    for where, row in io.iter_json_objects(path):
         qid = row.get("id", row.get("question_id"))
         if not isinstance(qid, (str, int)) or isinstance(qid, bool) or str(qid) == "":
             raise ValueError(f"{where}: field 'id': missing or not a string")

@@ -164,16 +164,7 @@ def load_few_shot(path: str | None, dataset: str, n: int) -> list[dict]:
         source = f"the built-in {dataset} examples"
     else:
         examples, source = [], path
-        for line_no, line in io.iter_text_lines(path):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object")
+        for where, row in io.iter_json_objects(path):
             for key, typ in (("question", str), ("options", list), ("rationale", str)):
                 if not isinstance(row.get(key), typ) or not row[key]:
                     raise ValueError(f"{where}: field {key!r} missing or not a non-empty {typ.__name__}")
