@@ -114,7 +114,7 @@ def tiny_bert_dir(tmp_path_factory, synthetic_task, tiny_cfg) -> str:
 DEMO_TEST_OVERRIDES = [
     "methods=[rd,kard_bm25,kard_reranker]",
     "data.synthetic.n_test_entities=25",
-    "student.max_steps=1800",
+    "student.max_steps=1500",
     "student.checkpoint_every_steps=0",
     "reranker.max_steps=100",
     "eval.oracle=false",

@@ -20,7 +20,8 @@ from kard_ray.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
-KARD_MINUS_RD_MARGIN = 0.30  # asserted below; measured margins are in the README
+KARD_MINUS_RD_MARGIN = 0.30  # KARD-reranker - RD, asserted below; measured margins are in the README
+BM25_MINUS_RD_MARGIN = 0.15
 
 DESIGN_ARTIFACTS = ["manifest.json", "config.yaml", "questions/train.parquet", "questions/test.parquet", "passages",
                     "index/bm25", "rationales", "examples/student_kard", "examples/student_rd", "models/student_kard",
@@ -40,11 +41,40 @@ def test_demo_kard_beats_rd_on_unseen_entities(demo_run):
     rd, bm25, rerank = (metrics[m]["accuracy"] for m in ("rd", "kard_bm25", "kard_reranker"))
     print(f"\nRD {rd:.3f}  KARD-BM25 {bm25:.3f}  KARD-reranker {rerank:.3f}  (n={metrics['rd']['n']} unseen-entity questions)")
     assert rerank - rd >= KARD_MINUS_RD_MARGIN, metrics
-    assert bm25 > rd, metrics
+    assert bm25 - rd >= BM25_MINUS_RD_MARGIN, metrics
+    assert rerank > bm25, metrics  # the reranker adds on top of BM25 (the paper's ordering)
     counts = manifest["stages"]["student"]["counts"]
-    assert counts["kard"]["steps"] == counts["rd"]["steps"] == 1800
+    assert counts["kard"]["steps"] == counts["rd"]["steps"] == 1500
     hits = io.read_json(run.path("eval", "reranker_metrics.json"))
     print("reranker Hits:", json.dumps(hits)[:300])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+def test_demo_student_vocabulary_has_no_test_only_name_pieces(demo_run):
+    """Every token the student must copy out of a test entity's passage was trained.
+
+    The tiny tokenizer is fitted on the run's corpus, which holds the test entities' passages too. Too large
+    a vocabulary gives test names tokens of their own that no training example contains: their embeddings
+    keep their random init and copying them breaks (measured at vocab 4,000: 39% of test-name pieces
+    untrained, the KARD student at 23% with the right passage in hand; at 2,000: 1%).
+    """
+    import collections
+
+    from kard_ray.models import load_tokenizer
+
+    cfg, _ = demo_run
+    run = io.RunDir(cfg.run_dir)
+    tok = load_tokenizer(run.model("init_t5"))
+    trained = collections.Counter()
+    for batch in io.read_table(run.path("examples", "student_kard"), columns=["source", "target"]).to_batches():
+        for col in ("source", "target"):
+            for ids in tok(batch.column(col).to_pylist()).input_ids:
+                trained.update(ids)
+    names = {q.rstrip("?").split()[-1] for q in io.read_table(run.questions("test")).column("question").to_pylist()}
+    pieces = [i for n in names for i in tok(" " + n, add_special_tokens=False).input_ids]
+    untrained = [tok.convert_ids_to_tokens(i) for i in pieces if trained[i] == 0]
+    assert len(untrained) / len(pieces) <= 0.05, (len(untrained), len(pieces), untrained[:20])
 
 
 @pytest.mark.slow

@@ -452,8 +452,13 @@ def train(task: TrainTask, train_ds, cfg: TrainingConfig, output_dir: str, stora
         # student then learns shortcuts ("copy option A") instead of reading its passages. One seeded
         # global shuffle makes batches i.i.d.; the same seed gives the same order on resume.
         train_ds = train_ds.random_shuffle(seed=seed)
+    # Blocks reach the workers in a fixed order (Ray Data otherwise hands them out as tasks finish), so
+    # one seed gives one data order and, on one worker, one trained model: a rerun reproduces a result.
+    ingest = ray.train.DataConfig.default_ingest_options()
+    ingest.preserve_order = True
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                           run_config=run_config, datasets={"train": train_ds})
+                           run_config=run_config, datasets={"train": train_ds},
+                           dataset_config=ray.train.DataConfig(execution_options=ingest))
     trainer.fit()
     return read_result(output_dir)
 
