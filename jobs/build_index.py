@@ -38,12 +38,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from kard_ray.config import load_config
+    from kard_ray.config import load_config, resolve_local_paths
     from kard_ray.io import RunDir
     from kard_ray.knowledge import build_indexes, ingest_corpus
     from kard_ray.runtime import init_ray
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_local_paths(load_config(args.config, args.overrides))  # Ray workers run elsewhere
     init_ray(cfg)  # joins the job's cluster under `ray job submit`, else starts a local Ray
     run = RunDir(cfg.run_dir)
     stats = {"ingest": ingest_corpus(corpus_paths(cfg, run), run, cfg.knowledge, cfg.data.max_rejected_fraction)}

@@ -18,12 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.n_samples=5 run_dir=/tmp/run")
     args = p.parse_args(argv)
 
-    from kard_ray.config import load_config
+    from kard_ray.config import load_config, resolve_local_paths
     from kard_ray.io import RunDir
     from kard_ray.runtime import init_ray
     from kard_ray.teacher import generate_rationales
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_local_paths(load_config(args.config, args.overrides))  # Ray workers run elsewhere
     init_ray(cfg)  # joins the job's cluster under `ray job submit`, else starts a local Ray
     stats = generate_rationales(cfg, RunDir(cfg.run_dir))
     print(json.dumps(stats, indent=2))

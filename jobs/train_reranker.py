@@ -24,13 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. reranker.loss=ce run_dir=/tmp/run")
     args = p.parse_args(argv)
 
-    from kard_ray.config import load_config
+    from kard_ray.config import load_config, resolve_local_paths
     from kard_ray.io import RunDir
     from kard_ray.pipeline import resolve_model
     from kard_ray.runtime import init_ray
     from kard_ray.training.reranker import train_reranker
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_local_paths(load_config(args.config, args.overrides))  # Ray workers run elsewhere
     init_ray(cfg)
     run = RunDir(cfg.run_dir)
     init = resolve_model(args.init_model or cfg.reranker.model, cfg.reranker.tiny, run, "bert", cfg.seed)

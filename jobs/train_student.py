@@ -30,13 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. student.lr=3e-4 run_dir=/tmp/run")
     args = p.parse_args(argv)
 
-    from kard_ray.config import load_config
+    from kard_ray.config import load_config, resolve_local_paths
     from kard_ray.io import RunDir
     from kard_ray.pipeline import resolve_model, variants
     from kard_ray.runtime import init_ray
     from kard_ray.training.student import train_student
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolve_local_paths(load_config(args.config, args.overrides))  # Ray workers run elsewhere
     import ray as _ray
 
     started_here = not _ray.is_initialized()  # leave a caller's Ray running

@@ -614,6 +614,45 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         raise ConfigError(f"{path or '<defaults>'}: {e}") from None
 
 
+# Fields that name files or directories: a relative local path is made absolute against the directory the
+# command runs in, because Ray workers do not share the driver's working directory (Ray Train's run in their
+# own), so `runs/demo/models/init_bert` would be looked up elsewhere, or as a Hub repo id.
+PATH_FIELDS = ("run_dir", "data.train_path", "data.test_path", "knowledge.corpus_paths", "teacher.import_path",
+               "teacher.few_shot_path", "eval.oracle_rationales_path", "resources.storage_path")
+# Fields that take a Hub name *or* a path: made absolute only when the relative path exists here.
+MODEL_FIELDS = ("student.model", "reranker.model", "knowledge.dense.encoder", "teacher.model", "teacher.verifier_model")
+
+
+def resolve_local_paths(cfg: KardConfig, base: str | None = None) -> KardConfig:
+    """A copy of `cfg` whose relative local paths are absolute (URIs and Hub names are left as they are)."""
+    import copy
+    import os
+
+    base = base or os.getcwd()
+    cfg = copy.deepcopy(cfg)
+
+    def absolute(p, must_exist: bool):
+        if not isinstance(p, str) or not p or "://" in p or os.path.isabs(p) or p == "tiny":
+            return p
+        full = os.path.normpath(os.path.join(base, os.path.expanduser(p)))
+        return full if (not must_exist or os.path.exists(full)) else p
+
+    for key in PATH_FIELDS + MODEL_FIELDS:
+        *parents, leaf = key.split(".")
+        obj = cfg
+        for name in parents:
+            obj = getattr(obj, name, None)
+        if obj is None or not hasattr(obj, leaf):
+            continue
+        value = getattr(obj, leaf)
+        must_exist = key in MODEL_FIELDS
+        if isinstance(value, list):
+            setattr(obj, leaf, [absolute(v, must_exist) for v in value])
+        else:
+            setattr(obj, leaf, absolute(value, must_exist))
+    return cfg
+
+
 def field_help(cls=KardConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every leaf field: the configuration reference."""
     rows = []

@@ -209,8 +209,10 @@ def run(cfg: KardConfig, from_stage: str | None = None, only: list[str] | None =
     for s in [from_stage, *(only or [])]:
         if s is not None and s not in STAGES:
             raise ValueError(f"unknown stage {s!r}; stages are {STAGES}")
+    from kard_ray.config import resolve_local_paths
     from kard_ray.runtime import init_ray
 
+    cfg = resolve_local_paths(cfg)  # Ray Train workers run in another directory
     init_ray(cfg)
     run_dir = io.RunDir(cfg.run_dir)
     io.makedirs(run_dir.root)

@@ -76,3 +76,24 @@ def test_shipped_configs_load(name):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# ") and "jobs/distill.py" in first, "each config starts with the command that runs it"
     load_config(str(path))
+
+
+def test_relative_local_paths_become_absolute_uris_and_hub_names_do_not(tmp_path, monkeypatch):
+    """Ray workers (Ray Train's above all) run in another directory: every local path the run reads or
+    writes is made absolute against the command's directory before the pipeline starts."""
+    from kard_ray.config import resolve_local_paths
+
+    (tmp_path / "my_model").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(REPO / "configs/demo.yaml"), [
+        "run_dir=runs/x", "data.train_path=data/train.jsonl", "data.test_path=s3://bucket/test.jsonl",
+        "knowledge.corpus_paths=[corpus/a.jsonl,gs://b/c.jsonl]", "student.model=my_model",
+        "reranker.model=michiyasunaga/LinkBERT-base"])
+    r = resolve_local_paths(cfg)
+    assert r.run_dir == str(tmp_path / "runs" / "x") and cfg.run_dir == "runs/x"  # a copy; the input is kept
+    assert r.data.train_path == str(tmp_path / "data" / "train.jsonl")
+    assert r.data.test_path == "s3://bucket/test.jsonl"
+    assert r.knowledge.corpus_paths == [str(tmp_path / "corpus" / "a.jsonl"), "gs://b/c.jsonl"]
+    assert r.student.model == str(tmp_path / "my_model")  # exists here: a path
+    assert r.reranker.model == "michiyasunaga/LinkBERT-base"  # does not exist here: a Hub name
+    assert resolve_local_paths(r) == r

@@ -79,16 +79,19 @@ def test_demo_student_vocabulary_has_no_test_only_name_pieces(demo_run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3000)  # includes building the shared demo run when this test runs alone
-def test_rerun_skips_finished_stages_and_lr_change_reruns_student_onward(demo_run, capsys, tmp_path):
+def test_rerun_skips_finished_stages_and_lr_change_reruns_student_onward(demo_run, capsys, tmp_path, monkeypatch):
     import shutil
 
     from kard_ray import pipeline
     from conftest import DEMO_TEST_OVERRIDES
 
     cfg0, first = demo_run
-    # Work on a copy: the Serve tests use the original run as it is.
+    # Work on a copy: the Serve tests use the original run as it is. A *relative* run_dir, as the demo's
+    # default `runs/demo` is: the retrained student's Ray Train worker runs in another directory and must
+    # still find the run's files.
     shutil.copytree(cfg0.run_dir, tmp_path / "run")
-    cfg = load_config(str(REPO / "configs/demo.yaml"), DEMO_TEST_OVERRIDES + [f"run_dir={tmp_path / 'run'}"])
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(str(REPO / "configs/demo.yaml"), DEMO_TEST_OVERRIDES + ["run_dir=run"])
     again = pipeline.run(cfg)
     out = capsys.readouterr().out
     for stage in first["stages"]:
@@ -96,7 +99,7 @@ def test_rerun_skips_finished_stages_and_lr_change_reruns_student_onward(demo_ru
         assert again["stages"][stage]["finished"] == first["stages"][stage]["finished"]
 
     # student.lr changes the student and evaluation; nothing before them runs again.
-    cfg2 = load_config(str(REPO / "configs/demo.yaml"), DEMO_TEST_OVERRIDES + [f"run_dir={cfg.run_dir}", "student.lr=2e-3",
+    cfg2 = load_config(str(REPO / "configs/demo.yaml"), DEMO_TEST_OVERRIDES + ["run_dir=run", "student.lr=2e-3",
                                                                                 "student.max_steps=5"])
     third = pipeline.run(cfg2)
     out = capsys.readouterr().out

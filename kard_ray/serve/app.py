@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from typing import Any, Optional
@@ -34,6 +35,8 @@ RERANKER = "reranker"
 def load_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> KardConfig:
     """`<run_dir>/config.yaml` + dotted overrides; `run_dir` always points at the directory served
     (a run copied to object storage keeps its old `run_dir` inside config.yaml)."""
+    if not io.is_uri(str(run_dir)):
+        run_dir = os.path.abspath(str(run_dir))  # replicas need not share this process's working directory
     run = io.RunDir(str(run_dir))
     overrides = [*overrides, f"run_dir={run.root}"]
     if not io.exists(run.config):
