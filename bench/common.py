@@ -248,7 +248,9 @@ def ray_init(num_cpus: int = 4) -> bool:
         return False
     env = {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TOKENIZERS_PARALLELISM",
                                       "TRANSFORMERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS", "RAY_SERVE_LOG_TO_STDERR") if k in os.environ}
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
+    # address="local": a fresh instance, never a cluster that `ray start` left on the machine (its
+    # /tmp/ray/ray_current_cluster would make a bare ray.init() join it, with other CPUs than these).
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING",
              runtime_env={"env_vars": env})
     quiet_ray_data()
     return True

@@ -199,6 +199,11 @@ def test_ray_job_submit_runs_distill_on_a_real_head_node(tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        # `ray start` records its GCS address here and a bare `ray.init()` on this machine would try to join
+        # the stopped node; remove the record if it is still ours (`ray stop` would, but stops every node).
+        current = Path("/tmp/ray/ray_current_cluster")
+        if current.exists() and current.read_text().strip().endswith(f":{gcs_port}"):
+            current.unlink()
 
 
 @pytest.mark.slow
