@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import time
 from typing import Any, Optional
 
 from kard_ray import io
-from kard_ray.config import AutoscalingConfig, ConfigError, KardConfig, config_from_dict, load_config
+from kard_ray.config import (AutoscalingConfig, ConfigError, KardConfig, config_from_dict, load_config,
+                             resolve_local_paths)
 from kard_ray.serve.api import Limits
 
 APP_NAME = "kard"
@@ -34,20 +34,19 @@ RERANKER = "reranker"
 
 def load_run_config(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> KardConfig:
     """`<run_dir>/config.yaml` + dotted overrides; `run_dir` always points at the directory served
-    (a run copied to object storage keeps its old `run_dir` inside config.yaml)."""
-    if not io.is_uri(str(run_dir)):
-        run_dir = os.path.abspath(str(run_dir))  # replicas need not share this process's working directory
+    (a run copied to object storage keeps its old `run_dir` inside config.yaml). Relative local paths come
+    back absolute: replicas need not share this process's working directory."""
     run = io.RunDir(str(run_dir))
     overrides = [*overrides, f"run_dir={run.root}"]
     if not io.exists(run.config):
         raise ConfigError(f"{run.config} not found: is {run.root!r} a run directory written by `kard-ray distill`?")
     if not io.is_uri(run.config):
-        return load_config(run.config, overrides)
+        return resolve_local_paths(load_config(run.config, overrides))
     import yaml
 
     try:
         values = yaml.safe_load(io.read_bytes(run.config)) or {}
-        return config_from_dict(values, overrides)
+        return resolve_local_paths(config_from_dict(values, overrides))
     except (ConfigError, yaml.YAMLError) as e:
         raise ConfigError(f"{run.config}: {e}") from None
 
