@@ -104,10 +104,19 @@ class BM25Config:
     stopwords: Optional[str] = _f("en", "Stopword list passed to bm25s (`en`) or null for none.")
     stemmer: Optional[str] = _f(None, "Snowball stemmer language (needs PyStemmer), e.g. `english`; null for none.")
     token_pattern: str = _f(r"(?u)\b\w+\b", "Token regex; keeps one-character tokens such as `5` or `B`.")
+    shards: int = _f(1, "BM25 shards (>1: built in parallel Ray tasks and searched in shard actors; scores use global statistics, so top-k equals one index's).")
+    shards_per_actor: int = _f(1, "Shards each BM25 shard actor holds (memory per actor = this many shards).")
+    num_cpus_per_shard_actor: float = _f(0.5, "CPUs each BM25 shard actor reserves (fractional: Ray Data stages must still get a CPU).")
+    num_cpus_per_build_task: float = _f(1.0, "CPUs each BM25 shard-build task reserves (fewer CPUs than shards: they queue).")
+    search_in_actors: bool = _f(True, "Search a sharded index in shard actors (memory per actor bounded by its shards); false: all shards in the calling process.")
 
     def __post_init__(self):
         _check(self.k1 >= 0, "knowledge.bm25.k1", "must be >= 0")
         _check(0.0 <= self.b <= 1.0, "knowledge.bm25.b", "must be in [0, 1]")
+        _check(self.shards >= 1, "knowledge.bm25.shards", "must be >= 1")
+        _check(self.shards_per_actor >= 1, "knowledge.bm25.shards_per_actor", "must be >= 1")
+        _check(self.num_cpus_per_shard_actor >= 0 and self.num_cpus_per_build_task >= 0,
+               "knowledge.bm25.num_cpus_per_*", "must be >= 0")
 
 
 @dataclass

@@ -82,13 +82,13 @@ class BM25Index:
         return cls(bm25, vocab, PassageStore(passages), cfg)
 
     # -- persistence -----------------------------------------------------------------------------
-    def save(self, path: str) -> None:
+    def save(self, path: str, extra_meta: dict | None = None) -> None:
         """Write the index to `path` (local directory or URI), replacing what was there."""
         with tempfile.TemporaryDirectory(prefix="kard_bm25_") as tmp:
             self.bm25.save(tmp, show_progress=False)
             self.store.save(tmp)
             meta = {"format_version": FORMAT_VERSION, "num_passages": len(self), "num_terms": len(self.vocab),
-                    "bm25": self.cfg.__dict__}
+                    "bm25": self.cfg.__dict__, **(extra_meta or {})}
             with open(os.path.join(tmp, META_FILE), "w") as fh:
                 json.dump(meta, fh, indent=2)
             publish_dir(tmp, path)
@@ -102,6 +102,8 @@ class BM25Index:
         d = local_dir(path)
         meta_path = os.path.join(d, META_FILE)
         if not os.path.exists(meta_path):
+            if os.path.exists(os.path.join(d, "kard_bm25_shards.json")):
+                raise ValueError(f"{path}: a sharded BM25 index; load it with kard_ray.knowledge.sharded.load_bm25")
             raise FileNotFoundError(f"{path}: not a kard-ray BM25 index (no {META_FILE}); build it with build_indexes")
         with open(meta_path) as fh:
             meta = json.load(fh)

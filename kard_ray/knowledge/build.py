@@ -1,8 +1,9 @@
 """`build_indexes`: the run's BM25 index, and its dense index when the retriever needs one.
 
 Each build runs in a Ray task that reads the passages (or embeddings) itself from the run directory
-and writes the index back there, so the driver never holds the corpus. bm25s builds in memory, so the
-BM25 task needs the whole tokenised corpus in one process (README: memory per million passages).
+and writes the index back there, so the driver never holds the corpus. One bm25s index builds in memory
+(the whole tokenised corpus in one process, README: memory per million passages); with
+`knowledge.bm25.shards` > 1 the shards build in parallel tasks, each holding its slice only (`sharded`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,15 @@ def build_indexes(run: io.RunDir, cfg: KnowledgeConfig) -> dict:
         raise FileNotFoundError(f"{run.passages}: no passages; run ingest_corpus first")
     out: dict = {}
     t0 = time.perf_counter()
-    task = ray.remote(num_cpus=1)(build_bm25_from_parquet)
-    out["bm25"] = ray.get(task.remote(run.passages, run.bm25_index, cfg.bm25))
-    print(f"[index] BM25: {out['bm25']['passages']} passages, {out['bm25']['terms']} terms in "
-          f"{out['bm25']['total_s']} s -> {run.bm25_index}")
+    if cfg.bm25.shards > 1:
+        from kard_ray.knowledge.sharded import build_sharded_bm25
+
+        out["bm25"] = build_sharded_bm25(run.passages, run.bm25_index, cfg.bm25)
+    else:
+        task = ray.remote(num_cpus=1)(build_bm25_from_parquet)
+        out["bm25"] = ray.get(task.remote(run.passages, run.bm25_index, cfg.bm25))
+    print(f"[index] BM25: {out['bm25']['passages']} passages, {out['bm25']['terms']} terms "
+          f"({cfg.bm25.shards} shard(s)) in {out['bm25']['total_s']} s -> {run.bm25_index}")
     if cfg.retriever in ("dense", "hybrid"):
         from kard_ray.knowledge.dense import build_faiss_from_parquet, embed_passages
 

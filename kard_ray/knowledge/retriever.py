@@ -5,6 +5,10 @@ a Ray Data stage whose actors each load the indexes once).
 `knowledge.rrf_depth` deep) fused by reciprocal rank fusion, score = sum over lists of
 1 / (rrf_k + rank), rank starting at 1. `score_pairs` is always BM25 (the reranker's silver labels).
 Both paths call the same `Retriever.search_rows`, so batch and online results are identical.
+
+A sharded BM25 index (`knowledge.bm25.shards` > 1) is searched in shard actors (`knowledge.bm25.search_in_actors`):
+the Retriever fans each query batch out to them and merges top-k (`sharded.ShardedBM25`); `retrieve`
+starts one set of shard actors on the driver and every batch actor shares it.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import pyarrow as pa
 from kard_ray import io
 from kard_ray.config import KnowledgeConfig
 from kard_ray.knowledge.bm25 import BM25Index
+from kard_ray.knowledge.sharded import ShardedBM25, is_sharded, load_bm25, start_shard_actors
 
 
 def rrf_fuse(ranked: list[tuple[np.ndarray, np.ndarray]], k: int, rrf_k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -38,7 +43,7 @@ def rrf_fuse(ranked: list[tuple[np.ndarray, np.ndarray]], k: int, rrf_k: int) ->
 class Retriever:
     """Loads the run's indexes once; `search` returns passages with scores, best first."""
 
-    def __init__(self, bm25: BM25Index, cfg: KnowledgeConfig, dense=None, encoder=None):
+    def __init__(self, bm25: BM25Index | ShardedBM25, cfg: KnowledgeConfig, dense=None, encoder=None):
         self.bm25 = bm25
         self.cfg = cfg
         self.dense = dense
@@ -49,9 +54,13 @@ class Retriever:
             self._dense_rows = bm25.store.rows(dense.ids.to_pylist())
 
     @classmethod
-    def from_run_dir(cls, run_dir: str, cfg: KnowledgeConfig, num_threads: int | None = None) -> "Retriever":
+    def from_run_dir(cls, run_dir: str, cfg: KnowledgeConfig, num_threads: int | None = None,
+                     shard_actors: list | None = None) -> "Retriever":
+        """Load the run's indexes. A sharded BM25 index is searched in `shard_actors` (handles from
+        `start_shard_actors`, shared), else in actors started here (`knowledge.bm25.search_in_actors`),
+        else in this process."""
         run = io.RunDir(run_dir)
-        bm25 = BM25Index.load(run.bm25_index)
+        bm25 = load_bm25(run.bm25_index, cfg.bm25, actors=shard_actors, start_actors=cfg.bm25.search_in_actors)
         dense = encoder = None
         if cfg.retriever in ("dense", "hybrid"):
             from kard_ray.knowledge.dense import DenseIndex, Encoder
@@ -115,12 +124,13 @@ class Retriever:
 class RetrieveBatch:
     """Ray Data class UDF: one Retriever per actor (indexes loaded once, not per batch)."""
 
-    def __init__(self, run_dir: str, cfg: KnowledgeConfig, query_column: str, k: int, prefix: str):
+    def __init__(self, run_dir: str, cfg: KnowledgeConfig, query_column: str, k: int, prefix: str,
+                 shard_actors: list | None = None):
         import os
 
         threads = max(1, int(cfg.num_cpus_per_retrieval_actor))
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-        self.retriever = Retriever.from_run_dir(run_dir, cfg, num_threads=threads)
+        self.retriever = Retriever.from_run_dir(run_dir, cfg, num_threads=threads, shard_actors=shard_actors)
         self.query_column, self.k, self.prefix = query_column, k, prefix
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -164,8 +174,14 @@ def retrieve(ds, query_column: str, k: int, run_dir: str, cfg: KnowledgeConfig, 
 
     if k < 1:
         raise ValueError(f"retrieve: k must be >= 1, got {k}")
+    index = io.RunDir(run_dir).bm25_index
+    shard_actors = None
+    if cfg.bm25.search_in_actors and is_sharded(index):
+        # one set of shard actors for the whole stage (owned by this driver), not one per batch actor
+        shard_actors = start_shard_actors(index, cfg.bm25)
     return ds.map_batches(
         RetrieveBatch, batch_format="pyarrow", batch_size=cfg.retrieval_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.retrieval_actors),
         num_cpus=cfg.num_cpus_per_retrieval_actor,
-        fn_constructor_kwargs={"run_dir": run_dir, "cfg": cfg, "query_column": query_column, "k": k, "prefix": prefix})
+        fn_constructor_kwargs={"run_dir": run_dir, "cfg": cfg, "query_column": query_column, "k": k, "prefix": prefix,
+                               "shard_actors": shard_actors})

@@ -1,0 +1,119 @@
+"""Sharded exact BM25 on the real Wikipedia slice (../shared/data/strategyqa/wiki_passages.jsonl.gz).
+
+3 shards built with global statistics == one bm25s index over everything, for 500 queries: the same
+top-10 scores (bit for bit), the same ids wherever a score is not tied, and every id the shards return
+scores in the single index exactly what the shards say. The Serve-style online `Retriever` (shard
+actors) returns what batch `retrieve` (a Ray Data stage sharing one set of shard actors) returns.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import random
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from kard_ray import io
+from kard_ray.config import BM25Config, KnowledgeConfig
+
+N_QUERIES = 500
+K = 10
+
+
+@pytest.fixture(scope="module")
+def slice_run(shared_data, tmp_path_factory):
+    """The slice's passages (non-empty, as ingest keeps them) written as a run's passages: 4 parquet
+    files of uneven size, so shards cut across files."""
+    rows, seen = [], set()
+    with gzip.open(shared_data / "wiki_passages.jsonl.gz", "rt", encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            if (r.get("text") or "").strip() and r["id"] not in seen:
+                seen.add(r["id"])
+                rows.append({"id": str(r["id"]), "title": r.get("title") or "", "text": r["text"]})
+    run = io.RunDir(str(tmp_path_factory.mktemp("sharded") / "run"))
+    io.makedirs(run.passages)
+    cuts = [0, 1000, 6000, 6100, len(rows)]
+    for i in range(4):
+        pq.write_table(pa.Table.from_pylist(rows[cuts[i]:cuts[i + 1]]), io.join(run.passages, f"part-{i}.parquet"),
+                       row_group_size=700)
+    return run, rows
+
+
+def _queries(rows: list[dict]) -> list[str]:
+    sample = random.Random(0).sample(rows, N_QUERIES)
+    # title + the first words: many distinct top-10s, and some ties at the tail
+    return [f"{p['title']} {' '.join(p['text'].split()[:12])}" for p in sample]
+
+
+def _assert_same_topk(single, ids_a, scores_a, ids_b, scores_b, queries):
+    np.testing.assert_array_equal(scores_a, scores_b)  # bit-identical float32 scores, every rank
+    untied = 0
+    for q, ia, ib, sa in zip(queries, ids_a, ids_b, scores_a):
+        for r in range(len(ia)):
+            if np.sum(sa == sa[r]) == 1 and sa[r] != sa[-1]:  # a score no other hit shares: no tie
+                assert ia[r] == ib[r], f"{q!r}: rank {r} is {ib[r]} in the shards, {ia[r]} in one index"
+                untied += 1
+        # ties aside, every id the shards return has exactly that score in the single index
+        np.testing.assert_array_equal(single.score_pairs(q, ib), sa)
+    assert untied > 0.8 * len(queries) * K
+
+
+@pytest.mark.timeout(300)
+def test_three_shards_equal_one_index_on_the_slice(ray_session, slice_run):
+    from kard_ray.knowledge import BM25Index
+    from kard_ray.knowledge.sharded import build_sharded_bm25, load_bm25, plan_slices
+
+    run, rows = slice_run
+    cfg = BM25Config()
+    single = BM25Index.build(io.read_table(run.passages), cfg)
+    slices = plan_slices(run.passages, 3)
+    sizes = [sum(hi - lo for _, lo, hi in s) for s in slices]
+    assert sum(sizes) == len(rows) and max(sizes) - min(sizes) <= 1
+    assert any(len(s) > 1 for s in slices)  # a shard spans files
+    stats = build_sharded_bm25(run.passages, run.bm25_index, cfg, n_shards=3)
+    assert stats["shards"] == 3 and stats["passages"] == len(single) == len(rows)
+    assert stats["nnz"] == len(single.bm25.scores["data"])  # the same (term, passage) pairs, split
+    sharded = load_bm25(run.bm25_index)  # in this process
+    assert len(sharded) == len(rows)
+    queries = _queries(rows)
+    ids_1, scores_1 = single.search(queries, K)
+    ids_3, scores_3 = sharded.search(queries, K)
+    _assert_same_topk(single, ids_1, scores_1, ids_3, scores_3, queries)
+    # pair scores by id agree too (the reranker's silver labels)
+    some = [r["id"] for r in random.Random(1).sample(rows, 64)]
+    np.testing.assert_array_equal(sharded.score_pairs(queries[0], some), single.score_pairs(queries[0], some))
+    # an unknown query term scores nothing anywhere: zeros, not an error
+    _, z = sharded.search_rows(["qqqzzzunknownterm"], 3)
+    assert z.tolist() == [[0.0, 0.0, 0.0]]
+
+
+@pytest.mark.timeout(300)
+def test_serve_retriever_over_shard_actors_equals_batch_retrieve(ray_session, slice_run):
+    from kard_ray.knowledge import Retriever, retrieve
+    from kard_ray.knowledge.sharded import ShardedBM25
+
+    run, rows = slice_run
+    cfg = KnowledgeConfig(bm25=BM25Config(shards=3, shards_per_actor=2), retrieval_actors=2, retrieval_batch_size=64)
+    from kard_ray.knowledge import build_indexes
+
+    build_indexes(run, cfg)
+    queries = _queries(rows)[:200]
+    online = Retriever.from_run_dir(run.root, cfg, num_threads=1)  # what the Serve deployment builds
+    assert isinstance(online.bm25, ShardedBM25) and len(online.bm25.actors) == 2  # shards {0,1} and {2}
+    one_at_a_time = [online.search([q], K)[0] for q in queries[:50]]
+    batched = online.search(queries, K)
+    for a, b in zip(one_at_a_time, batched):
+        assert a == b
+    ds = ray_session.data.from_items([{"q": q} for q in queries])
+    out = retrieve(ds, "q", K, run.root, cfg).to_pandas()
+    got = {r.q: (list(r.passage_ids), list(r.passage_scores)) for r in out.itertuples()}
+    for q, hits in zip(queries, batched):
+        ids, scores = got[q]
+        assert ids == [h["id"] for h in hits], q
+        np.testing.assert_array_equal(np.float32(scores), np.float32([h["score"] for h in hits]))
+        assert all(isinstance(h["text"], str) and h["text"] for h in hits)
