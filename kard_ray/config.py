@@ -146,7 +146,8 @@ class KnowledgeConfig:
     corpus_paths: list[str] = _f([], "Corpus files or directories (JSONL, .gz, parquet; local or URI). Empty for the synthetic task.")
     words_per_passage: int = _f(100, "Split documents into passages of this many words.")
     overlap_words: int = _f(0, "Words shared by consecutive passages of one document.")
-    dedup: bool = _f(True, "Drop passages whose text exactly repeats an earlier one.")
+    dedup: bool = _f(True, "Drop passages whose text exactly repeats an earlier one (the first in listed-file order, line order is kept).")
+    ingest_block_rows: int = _f(8192, "Input rows per ingest block (memory per read / chunk / dedup block is bounded by it).")
     retriever: Literal["bm25", "dense", "hybrid"] = _f("bm25", "Retriever used for grounding and inference.")
     rrf_k: int = _f(60, "Reciprocal-rank-fusion constant for the hybrid retriever.")
     rrf_depth: int = _f(100, "Hybrid retriever: BM25 and dense hits fused per query (each list this deep, at least k).")
@@ -158,6 +159,7 @@ class KnowledgeConfig:
 
     def __post_init__(self):
         _check(self.words_per_passage >= 8, "knowledge.words_per_passage", "must be >= 8")
+        _check(self.ingest_block_rows >= 1, "knowledge.ingest_block_rows", "must be >= 1")
         _check(0 <= self.overlap_words < self.words_per_passage, "knowledge.overlap_words", "must be in [0, words_per_passage)")
         _check(self.rrf_k >= 1, "knowledge.rrf_k", "must be >= 1")
         _check(self.rrf_depth >= 1, "knowledge.rrf_depth", "must be >= 1")

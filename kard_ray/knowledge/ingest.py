@@ -22,7 +22,11 @@ Passage ids:
   * if an id is still taken twice, the holder that comes first — corpus ids before generated ones,
     then (file path, line, piece) order — keeps it and the others become `{id}~1`, `{id}~2`, ...
     (counted as `renamed_ids`). Building the BM25 index re-checks global uniqueness.
-"First" for duplicates means first in (file path, line) order, so reruns give the same passages.
+"First" for duplicates means first in (file order, line, piece) order, file order being the order of
+`knowledge.corpus_paths` as listed (a directory's files sorted by path): a corpus listed first wins
+its duplicates, and reruns give the same passages. Dedup is a Ray Data hash shuffle on the text hash:
+every copy of a text lands in one reduce block, which keeps the first by that order — no process,
+the driver included, holds more than a block of the corpus.
 """
 
 from __future__ import annotations
@@ -50,13 +54,15 @@ STAGE = "ingest"
 
 # Rows as read: one per input line/row, valid or not.
 RAW_SCHEMA = pa.schema([
-    ("source", pa.string()), ("line", pa.int64()), ("doc_id", pa.string()), ("generated_id", pa.bool_()),
+    ("source", pa.string()), ("file_index", pa.int64()), ("line", pa.int64()), ("doc_id", pa.string()),
+    ("generated_id", pa.bool_()),
     ("title", pa.string()), ("text", pa.string()), ("reason", pa.string()), ("raw", pa.string()),
 ])
 # Rows after chunking: one per passage, or one per rejected input row (reason set).
 STAGED_SCHEMA = pa.schema([
     ("id", pa.string()), ("title", pa.string()), ("text", pa.string()), ("hash", pa.string()),
-    ("generated", pa.bool_()), ("source", pa.string()), ("line", pa.int64()), ("piece", pa.int64()),
+    ("generated", pa.bool_()), ("source", pa.string()), ("file_index", pa.int64()), ("line", pa.int64()),
+    ("piece", pa.int64()),
     ("doc_start", pa.int64()), ("reason", pa.string()), ("raw", pa.string()),
 ])
 
@@ -102,8 +108,8 @@ def normalise_row(obj: Any, source: str, line: int) -> dict:
 class _Rows:
     """Accumulates RAW_SCHEMA rows column-wise and cuts blocks of bounded size."""
 
-    def __init__(self, source: str, rows_per_block: int):
-        self.source, self.rows_per_block = source, rows_per_block
+    def __init__(self, source: str, rows_per_block: int, file_index: int = 0):
+        self.source, self.rows_per_block, self.file_index = source, rows_per_block, file_index
         self._reset()
 
     def _reset(self):
@@ -120,6 +126,7 @@ class _Rows:
         if error is not None:
             r = {"doc_id": None, "generated_id": None, "title": None, "text": None}
         c["source"].append(self.source)
+        c["file_index"].append(self.file_index)
         c["line"].append(line)
         for k in ("doc_id", "generated_id", "title", "text"):
             c[k].append(r[k])
@@ -156,6 +163,17 @@ def _corpus_datasource_cls():
         def __init__(self, paths: list[str], rows_per_block: int = 8192, **kw):
             super().__init__(paths, **kw)
             self._rows_per_block = rows_per_block
+            # position of each file in the listed order ("first" for dedup), by the path Ray hands back
+            self._file_index = {}
+            for i, p in enumerate(paths):
+                self._file_index.setdefault(p, i)
+                self._file_index.setdefault(io.resolve(p)[1], i)
+
+        def _index_of(self, path: str) -> int:
+            for key in (path, path.split("://", 1)[-1], "/" + path.lstrip("/")):
+                if key in self._file_index:
+                    return self._file_index[key]
+            raise KeyError(f"ingest: read a file that was not listed: {path}")
 
         def _open_input_source(self, filesystem, path: str, **open_args):
             if path.endswith(".parquet"):  # parquet needs random access, not a stream
@@ -163,7 +181,7 @@ def _corpus_datasource_cls():
             return super()._open_input_source(filesystem, path, **open_args)
 
         def _read_stream(self, f, path: str) -> Iterator[pa.Table]:
-            rows = _Rows(path, self._rows_per_block)
+            rows = _Rows(path, self._rows_per_block, self._index_of(path))
             if path.endswith(".parquet"):
                 import pyarrow.parquet as pq
 
@@ -198,7 +216,8 @@ def _corpus_datasource_cls():
 
 
 def expand_corpus_paths(paths: list[str]) -> list[str]:
-    """Files under each path (directories recursively), corpus suffixes only; clear errors otherwise."""
+    """Files under each path (directories recursively, sorted), corpus suffixes only, in the order the
+    paths are listed (a file listed twice counts once, at its first place); clear errors otherwise."""
     if not paths:
         raise ValueError("knowledge.corpus_paths is empty: name at least one corpus file or directory")
     files: list[str] = []
@@ -211,8 +230,8 @@ def expand_corpus_paths(paths: list[str]) -> list[str]:
             if io.list_files(p) == [p]:
                 raise ValueError(f"{p}: unsupported corpus file (expected one of {', '.join(CORPUS_SUFFIXES)})")
             raise ValueError(f"{p}: no corpus files ({', '.join(CORPUS_SUFFIXES)}) in this directory")
-        files.extend(found)
-    return sorted(dict.fromkeys(files))
+        files.extend(sorted(found))
+    return list(dict.fromkeys(files))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -240,14 +259,14 @@ def chunk_table(raw: pa.Table, words_per_passage: int, overlap_words: int) -> pa
                 row = dict(id=doc_id if len(pieces) == 1 else f"{doc_id}_{p}", title=cols["title"][i],
                            text=piece, hash=text_hash(piece), generated=bool(cols["generated_id"][i] or len(pieces) > 1),
                            piece=p, doc_start=int(p == 0), reason=None, raw=None)
-            row.update(source=source, line=line)
+            row.update(source=source, file_index=cols["file_index"][i], line=line)
             for k, v in row.items():
                 out[k].append(v)
     return pa.Table.from_pydict(out, schema=STAGED_SCHEMA)
 
 
 def _order(table: pa.Table, *first: tuple[str, str]) -> pa.Table:
-    keys = list(first) + [("source", "ascending"), ("line", "ascending"), ("piece", "ascending")]
+    keys = list(first) + [("file_index", "ascending"), ("line", "ascending"), ("piece", "ascending")]
     return table.take(pc.sort_indices(table, sort_keys=keys))
 
 
@@ -260,7 +279,7 @@ def _first_of_each(table: pa.Table, key: str) -> np.ndarray:
 
 
 def dedup_block(table: pa.Table) -> pa.Table:
-    """Keep the first passage (file, line, piece order) of each text hash. The block must hold every
+    """Keep the first passage (file order, line, piece) of each text hash. The block must hold every
     row of its hashes (hash-partitioned)."""
     if table.num_rows == 0:
         return table
@@ -347,7 +366,7 @@ def ingest_corpus(paths: list[str], run: io.RunDir, cfg: KnowledgeConfig, max_re
     _clear_previous(run.passages, run.rejected)
     wpp, overlap = cfg.words_per_passage, cfg.overlap_words
 
-    ds = ray.data.read_datasource(_corpus_datasource_cls()(files))
+    ds = ray.data.read_datasource(_corpus_datasource_cls()(files, rows_per_block=cfg.ingest_block_rows))
     staged = ds.map_batches(chunk_table, batch_format="pyarrow", batch_size=None,
                             fn_kwargs={"words_per_passage": wpp, "overlap_words": overlap}).materialize()
 
