@@ -27,7 +27,9 @@ SYN = ["silk", "cotton", "tin", "salt"]
     ('Therefore, the answer to the question "Do bald eagles nest on Mount Sharp?" is no.', YN, 1),
     ("Since the population is smaller, we can conclude that yes, every resident could fit.", YN, 0),
     ("This makes answer (A) correct. Answer (B) is incorrect as it contradicts this logic.", YN, 0),
-    ("The answer is (B) no. Later text mentions (A) only as the wrong option.", YN, 0),  # last stated wins
+    # a later mention of (A) as "the wrong option" dismisses it: the stated (B) stands
+    ("The answer is (B) no. Later text mentions (A) only as the wrong option.", YN, 1),
+    ("The answer is (B) no. On reflection, the answer is (A) yes.", YN, 0),  # the last statement wins
     # synthetic task styles: option text, no letter
     ("The main export of Graerthex is cotton. So the answer is cotton.", SYN, 1),
     ("According to the records, the main export of Graerthex is tin. Therefore, the answer is tin.", SYN, 2),
@@ -63,7 +65,7 @@ def test_parse_prediction_reads_letter_and_text():
 
 
 def test_shared_strategyqa_parse_rate(shared_data):
-    """The real gpt-3.5 rationales: parse rate >= 93% and agreement with gold printed (fast)."""
+    """The real gpt-3.5 rationales: parse rate >= 93%, >= 97% of parsed agreeing with gold (fast)."""
     records = load_teacher_records(str(shared_data / "teacher_gpt35_responses.jsonl.gz"))
     gold = {}
     with open(shared_data / "train.jsonl") as fh:
@@ -84,7 +86,7 @@ def test_shared_strategyqa_parse_rate(shared_data):
     print(f"\nStrategyQA teacher file: parse rate {parsed / total:.2%} ({parsed}/{total}), "
           f"agreement with gold {agree / parsed:.2%}, {total - parsed} unparsed, {seconds:.1f}s")
     assert parsed / total >= 0.93
-    assert agree / parsed >= 0.95
+    assert agree / parsed >= 0.97
     assert seconds < 30
     rec = records["train-00000"]
     assert rec.teacher == "gpt-3.5-turbo-0301"

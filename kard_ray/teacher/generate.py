@@ -155,7 +155,8 @@ def generate_rationales(cfg: KardConfig, run: RunDir) -> dict:
         store.write_empty()
     table = store.read()
     gold = {q["id"]: int(q["answer"]) for q in questions}
-    stats = rationale_stats(table, gold, verifier=t.verifier_model is not None)
+    datasets = {q["id"]: q.get("dataset") or cfg.data.dataset for q in questions}
+    stats = rationale_stats(table, gold, verifier=t.verifier_model is not None, datasets=datasets)
     stats["backend"] = t.backend
     stats["filter"] = t.filter
     stats["this_run"] = {"rows_written": written, "rows_skipped": len(existing) - retried,

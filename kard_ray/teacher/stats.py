@@ -5,12 +5,33 @@ from __future__ import annotations
 import pyarrow as pa
 
 
-def rationale_stats(table: pa.Table, gold: dict[str, int], verifier: bool = False) -> dict:
+def _rates(rows: list[dict], gold: dict[str, int]) -> dict:
+    """Parse / agreement / keep counts and rates over rows without an error."""
+    parsed = [r for r in rows if r["parsed_answer"] is not None]
+    agree = sum(1 for r in parsed if gold.get(r["question_id"]) == r["parsed_answer"])
+    kept = sum(1 for r in rows if r["consistent"])
+    n = len(rows)
+    return {"n_rationales": n, "parsed": len(parsed), "parse_rate": len(parsed) / n if n else 0.0,
+            "agreement_rate": agree / len(parsed) if parsed else 0.0, "kept": kept,
+            "consistency_rate": kept / n if n else 0.0}
+
+
+def per_dataset_rates(rows: list[dict], gold: dict[str, int], datasets: dict[str, str]) -> dict[str, dict]:
+    """`_rates` per dataset of the question (a mixed training set reports each source apart)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(datasets.get(r["question_id"]) or "unknown", []).append(r)
+    return {name: _rates(rs, gold) for name, rs in sorted(groups.items())}
+
+
+def rationale_stats(table: pa.Table, gold: dict[str, int], verifier: bool = False,
+                    datasets: dict[str, str] | None = None) -> dict:
     """Counts and rates over every written row (so a resumed run reports the whole set).
 
     parse_rate: parsed / rationales; agreement_rate: parsed answers equal to gold / parsed;
     consistency_rate: kept (`consistent`) / rationales; per_question_consistency: mean over questions
-    with rationales of their kept share. Error rows are counted apart and excluded from the rates.
+    with rationales of their kept share; per_dataset: those rates per dataset of the question (when
+    `datasets`, {question id: dataset}, is given). Error rows are counted apart and excluded from the rates.
     """
     rows = table.select(["question_id", "parsed_answer", "consistent", "prompt_tokens",
                          "completion_tokens", "error", "teacher"]).to_pylist()
@@ -40,6 +61,8 @@ def rationale_stats(table: pa.Table, gold: dict[str, int], verifier: bool = Fals
         "errors": sum(1 for r in rows if r["error"] is not None),
         "teachers": sorted({r["teacher"] for r in rows if r["teacher"]}),
     }
+    if datasets is not None:
+        stats["per_dataset"] = per_dataset_rates(ok, gold, datasets)
     if verifier:
         stats["unparsed_kept_by_verifier"] = sum(1 for r in ok if r["parsed_answer"] is None and r["consistent"])
     return stats
