@@ -51,12 +51,12 @@ class Baseline:
         import pyarrow.parquet as pq
         import torch
 
-        from kard_ray.evaluation.evaluate import question_query
+        from kard_ray.inference.formats import question_query
         from kard_ray.io import RunDir
         from kard_ray.knowledge import BM25Index
         from kard_ray.models import load_seq2seq, load_tokenizer
         from kard_ray.teacher import parse_prediction
-        from kard_ray.training.student import format_source
+        from kard_ray.inference.formats import format_source
 
         run = RunDir(self.root)
         rows = pq.read_table(questions_path).to_pylist()

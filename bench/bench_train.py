@@ -87,7 +87,8 @@ def build_examples(args, data, n_rows: int):
     from kard_ray.knowledge import BM25Index
     from kard_ray.models import load_tokenizer
     from kard_ray.teacher import load_teacher_rationales
-    from kard_ray.training.student import answer_letter, encode_sources, encode_targets, format_source, format_target
+    from kard_ray.inference.formats import answer_letter, encode_sources, format_source, format_target
+    from kard_ray.training.student import encode_targets
 
     run = RunDir(common.bench_run(args, data))
     questions = common.load_questions(data, "train").to_pylist()

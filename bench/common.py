@@ -206,7 +206,7 @@ def save_untrained_reranker(encoder_dir: str, out: str) -> None:
     import torch
 
     from kard_ray.models import load_tokenizer
-    from kard_ray.training.reranker_models import build_reranker, save_reranker
+    from kard_ray.inference.reranker import build_reranker, save_reranker
 
     torch.manual_seed(0)
     model = build_reranker("cross_encoder", encoder_dir)

@@ -118,7 +118,7 @@ def generation(student_dir: str, questions: list[dict], batch_size: int = 64, ma
     def run():
         import torch
 
-        from kard_ray.evaluation import StudentGenerator
+        from kard_ray.inference.generator import StudentGenerator
 
         gen = StudentGenerator(student_dir, questions[0].get("dataset", "synthetic"), max_new_tokens=max_new_tokens,
                                decoding="greedy", device=device)

@@ -8,7 +8,7 @@
 
 import sys
 
-from kard_ray.cli import main
+from kard_ray import cli
 
 if __name__ == "__main__":
-    sys.exit(main(["distill", *sys.argv[1:]]))
+    sys.exit(cli.main(["distill", *sys.argv[1:]]))

@@ -1,10 +1,14 @@
-"""`kard-ray` console script; `jobs/*.py` are thin wrappers around the same subcommands.
+"""`kard-ray` console script; every `jobs/*.py` is `sys.exit(cli.main(["<command>", *sys.argv[1:]]))`.
 
-    kard-ray distill [--config configs/demo.yaml] [--from-stage S] [--only S ...] [key=value ...]
+    kard-ray distill [--config configs/demo.yaml] [--from-stage S] [--only S ...] [--resume] [key=value ...]
     kard-ray build-index | generate-rationales | train-student | train-reranker | evaluate  [--config ..] [key=value ...]
     kard-ray serve RUN_DIR [key=value ...]
     kard-ray config [--config ..] [key=value ...]     print the resolved config
     kard-ray config --reference                       every field with its default and help (Markdown)
+
+Dotted overrides (`key=value`) may stand anywhere on the command line, before or after the flags.
+The stage commands run their stages through the pipeline (`kard_ray.pipeline.run`), so the manifest
+records them and a later `distill` skips what they finished.
 """
 
 from __future__ import annotations
@@ -15,74 +19,99 @@ import sys
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.yaml")
 
+# Each stage command is a slice of the pipeline.
+STAGE_COMMANDS = {
+    "build-index": (["questions", "knowledge"], "ingest the corpus and build the BM25 (and dense) indexes"),
+    "generate-rationales": (["questions", "teacher"], "teacher rationales for the training questions"),
+    "train-student": (["examples", "student"], "distill the student(s) of the configured methods"),
+    "train-reranker": (["mine", "reranker"], "mine candidates, distill the reranker, measure its Hits@k"),
+    "evaluate": (["evaluate"], "evaluate the trained students on the test questions"),
+}
+_VALUE_FLAGS = {"--config", "--from-stage"}  # flags that take exactly one value
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kard-ray", description="Knowledge-Augmented Reasoning Distillation on Ray")
+    p = argparse.ArgumentParser(prog="kard-ray", description="Knowledge-Augmented Reasoning Distillation on Ray",
+                                epilog="Dotted overrides (key=value) may stand anywhere on the command line.")
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(name: str, help: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help)
         sp.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml, the offline demo)")
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. student.lr=3e-4 run_dir=/tmp/run")
+        if name != "config":
+            sp.add_argument("--resume", action="store_true",
+                            help="resume the named stages' training from their last checkpoint (only ever an "
+                                 "identical run) instead of training from scratch")
         return sp
 
     d = common("distill", "run the whole pipeline (stages skip when finished and unchanged)")
     d.add_argument("--from-stage", default=None, help="rerun this stage and every later one")
     d.add_argument("--only", nargs="+", default=None, help="run only these stages")
-    common("build-index", "ingest the corpus and build the BM25 (and dense) indexes")
-    common("generate-rationales", "teacher rationales for the training questions")
-    common("train-student", "distill the student(s) of the configured methods")
-    common("train-reranker", "mine candidates and distill the reranker")
-    common("evaluate", "evaluate the trained students on the test questions")
+    for name, (_, help) in STAGE_COMMANDS.items():
+        common(name, help)
     s = sub.add_parser("serve", help="serve a finished run directory over HTTP with Ray Serve")
     s.add_argument("run_dir")
-    s.add_argument("overrides", nargs="*", help="dotted overrides of the run's config, e.g. serve.port=8080")
     c = common("config", "print the resolved config")
     c.add_argument("--reference", action="store_true", help="print every field with default and help as Markdown")
     return p
 
 
-def _config(args):
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(arguments for argparse, `key=value` overrides), wherever the overrides stand."""
+    args, overrides, i = [], [], 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok in _VALUE_FLAGS and i + 1 < len(argv):
+            args += [tok, argv[i + 1]]
+            i += 2
+            continue
+        if not tok.startswith("-") and "=" in tok:
+            overrides.append(tok)
+        else:
+            args.append(tok)
+        i += 1
+    return args, overrides
+
+
+def _config(args, overrides: list[str]):
     from kard_ray.config import load_config
 
-    return load_config(args.config or DEFAULT_CONFIG, args.overrides)
+    return load_config(args.config or DEFAULT_CONFIG, overrides)
+
+
+def _print_config(args, overrides: list[str]) -> None:
+    if args.reference:
+        from kard_ray.config import field_help
+
+        print("| key | default | meaning |\n|---|---|---|")
+        for key, default, help in field_help():
+            print(f"| `{key}` | `{default}` | {help} |")
+    else:
+        print(_config(args, overrides))
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    rest, overrides = split_overrides(argv)
+    args = _parser().parse_args(rest)
     from kard_ray.config import ConfigError
 
     try:
         if args.command == "config":
-            if args.reference:
-                from kard_ray.config import field_help
-
-                print("| key | default | meaning |\n|---|---|---|")
-                for key, default, help in field_help():
-                    print(f"| `{key}` | `{default}` | {help} |")
-            else:
-                print(_config(args))
+            _print_config(args, overrides)
             return 0
         if args.command == "serve":
             from kard_ray.serve import serve_run_dir
 
-            serve_run_dir(args.run_dir, args.overrides)
+            serve_run_dir(args.run_dir, overrides)
             return 0
-
-        cfg = _config(args)
         from kard_ray import pipeline
 
+        cfg = _config(args, overrides)
         if args.command == "distill":
-            pipeline.run(cfg, from_stage=args.from_stage, only=args.only)
+            pipeline.run(cfg, from_stage=args.from_stage, only=args.only, resume=args.resume)
         else:
-            stages = {
-                "build-index": ["questions", "knowledge"],
-                "generate-rationales": ["questions", "teacher"],
-                "train-student": ["examples", "student"],
-                "train-reranker": ["reranker"],
-                "evaluate": ["evaluate"],
-            }[args.command]
-            pipeline.run(cfg, only=stages)
+            pipeline.run(cfg, only=STAGE_COMMANDS[args.command][0], resume=args.resume)
         return 0
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)

@@ -441,7 +441,7 @@ class ResourcesConfig:
         _check(self.num_cpus is None or self.num_cpus >= 1, "resources.num_cpus", "must be >= 1 or null")
 
 
-METHODS = ("ft", "rd", "kard_bm25", "kard_reranker")
+from kard_ray.methods import CONFIGURABLE as METHODS  # noqa: E402  (the one method table)
 
 
 @dataclass

@@ -1,11 +1,17 @@
-"""The stage graph: questions → knowledge → teacher → examples → reranker → student → evaluate.
+"""The stage graph: questions → knowledge → teacher → examples → mine → reranker → student → evaluate.
 
-Each stage is a function of (config, run directory) that reads earlier stages' artifacts and writes
-its own. `<run>/manifest.json` records, per stage, its status, a fingerprint (a hash of the config
+Each stage is a function of (config, run directory, resume) that reads earlier stages' artifacts and
+writes its own. `<run>/manifest.json` records, per stage, its status, a fingerprint (a hash of the config
 sections and input files it depends on, chained through the stages it reads), row counts and timings.
 On rerun a stage whose fingerprint is unchanged and whose status is `done` is skipped, so changing
 `student.lr` reruns the student and evaluation and nothing before them. A failing stage is marked
 `failed` and leaves every earlier artifact intact.
+
+A stage named by `--from-stage` / `--only` runs even when unchanged, and its training starts from
+scratch unless `resume=True` (`--resume`). Training itself only ever resumes the identical run: the
+trainer core compares a checkpoint's full training fingerprint before restoring it
+(`kard_ray.training.core`). `--only` refuses to run a stage whose upstream stages are stale or
+missing, rather than train on outdated inputs.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ from typing import Callable
 
 from kard_ray import io
 from kard_ray.config import KardConfig
+from kard_ray.methods import variants as method_variants
 
-STAGES = ["questions", "knowledge", "teacher", "examples", "reranker", "student", "evaluate"]
+STAGES = ["questions", "knowledge", "teacher", "examples", "mine", "reranker", "student", "evaluate"]
 
 # Config sections each stage reads (beyond what it inherits from the stages it depends on).
 DEPENDS_ON: dict[str, tuple[list[str], list[str]]] = {
@@ -30,7 +37,9 @@ DEPENDS_ON: dict[str, tuple[list[str], list[str]]] = {
     "teacher": (["questions"], ["teacher"]),
     "examples": (["knowledge", "teacher"], ["student.n_knowledge", "student.max_rationales_per_question",
                                             "student.max_source_length", "student.max_target_length", "methods"]),
-    "reranker": (["knowledge", "teacher"], ["reranker", "seed"]),
+    "mine": (["knowledge", "teacher"], ["reranker.candidates_k", "reranker.holdout_fraction", "seed",
+                                         "eval.oracle_rationales_path"]),
+    "reranker": (["mine"], ["reranker", "seed", "eval.oracle_rationales_path"]),
     "student": (["examples"], ["student", "seed"]),
     "evaluate": (["student", "reranker", "knowledge"], ["eval", "methods", "seed"]),
 }
@@ -38,12 +47,7 @@ DEPENDS_ON: dict[str, tuple[list[str], list[str]]] = {
 
 def variants(cfg: KardConfig) -> list[str]:
     """Student variants the configured methods need (both KARD methods share one student)."""
-    out = []
-    for m in cfg.methods:
-        v = "kard" if m.startswith("kard") else m
-        if v not in out:
-            out.append(v)
-    return out
+    return method_variants(cfg.methods)
 
 
 def _file_stamp(path: str | None) -> list:
@@ -83,16 +87,16 @@ def fingerprints(cfg: KardConfig) -> dict[str, str]:
 
 
 def stage_needed(cfg: KardConfig, stage: str) -> bool:
-    if stage == "reranker":
+    if stage in ("mine", "reranker"):
         return "kard_reranker" in cfg.methods
     return True
 
 
 # ----------------------------------------------------------------------------------------------
-# stage bodies: thin calls into the library
+# stage bodies: thin calls into the library. `resume` only matters to the training stages.
 
 
-def _stage_questions(cfg: KardConfig, run: io.RunDir) -> dict:
+def _stage_questions(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     from kard_ray.data.stage import prepare_questions
 
     return prepare_questions(cfg, run)
@@ -108,7 +112,7 @@ def _corpus_paths(cfg: KardConfig, run: io.RunDir) -> list[str]:
     raise ValueError("knowledge.corpus_paths is empty: name the corpus files (JSONL/parquet) to index")
 
 
-def _stage_knowledge(cfg: KardConfig, run: io.RunDir) -> dict:
+def _stage_knowledge(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     from kard_ray.knowledge import build_indexes, ingest_corpus
 
     counts = ingest_corpus(_corpus_paths(cfg, run), run, cfg.knowledge, cfg.data.max_rejected_fraction)
@@ -116,13 +120,13 @@ def _stage_knowledge(cfg: KardConfig, run: io.RunDir) -> dict:
     return counts
 
 
-def _stage_teacher(cfg: KardConfig, run: io.RunDir) -> dict:
+def _stage_teacher(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     from kard_ray.teacher import generate_rationales
 
     return generate_rationales(cfg, run)
 
 
-def _stage_examples(cfg: KardConfig, run: io.RunDir) -> dict:
+def _stage_examples(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     from kard_ray.training.student import build_student_examples
 
     counts = {}
@@ -130,6 +134,13 @@ def _stage_examples(cfg: KardConfig, run: io.RunDir) -> dict:
         path = build_student_examples(cfg, run, v)
         counts[f"examples_{v}"] = io.read_table(path, columns=["question_id"]).num_rows
     return counts
+
+
+def _stage_mine(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
+    from kard_ray.training.reranker_mining import mine_candidates
+
+    out = mine_candidates(cfg, run)
+    return {k: out[k] for k in ("rationales", "examples", "dropped")}
 
 
 def tiny_model_texts(run: io.RunDir, limit: int = 200_000) -> list[str]:
@@ -148,49 +159,72 @@ def tiny_model_texts(run: io.RunDir, limit: int = 200_000) -> list[str]:
     return texts
 
 
+TINY_META = "kard_tiny.json"
+
+
 def resolve_model(name: str, tiny_cfg, run: io.RunDir, kind: str, seed: int) -> str:
-    """A HF name/path as given, or for `tiny` a model built from scratch into the run directory."""
+    """A HF name/path as given, or for `tiny` a model built from scratch into the run directory.
+
+    The tiny model is rebuilt whenever what it is built from changes — its `tiny` settings, the kind,
+    the seed, or the text its tokenizer is fitted on (`kard_tiny.json` records a digest of all four) —
+    so a changed `student.tiny.vocab_size` never trains on the old vocabulary."""
     if name != "tiny":
         return name
+    import dataclasses
+
     from kard_ray.models import save_tiny_model
 
     out = run.model(f"init_{kind}")
-    if not io.exists(io.join(out, "config.json")):
-        if io.is_uri(out):
-            raise ValueError("model=tiny needs a local run_dir (tiny models are a demo feature)")
-        save_tiny_model(kind, tiny_model_texts(run), tiny_cfg, out, seed=seed)
+    texts = tiny_model_texts(run)
+    text_digest = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:16]
+    want = {"kind": kind, "seed": seed, "tiny": dataclasses.asdict(tiny_cfg), "texts": text_digest}
+    meta = io.join(out, TINY_META)
+    if io.exists(io.join(out, "config.json")) and io.exists(meta) and io.read_json(meta) == want:
+        return out
+    if io.exists(out):
+        print(f"[pipeline] init_{kind}: tiny model settings or texts changed; rebuilding {out}", flush=True)
+        io.remove(out)
+    with io.staged_dir(out) as local:  # a local directory, uploaded when run_dir is a URI
+        save_tiny_model(kind, texts, tiny_cfg, local, seed=seed)
+    io.write_json(meta, want)
     return out
 
 
-def _stage_reranker(cfg: KardConfig, run: io.RunDir) -> dict:
+def _stage_reranker(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
+    from kard_ray.evaluation.reranker import evaluate_reranker
     from kard_ray.training.reranker import train_reranker
 
     init = resolve_model(cfg.reranker.model, cfg.reranker.tiny, run, "bert", cfg.seed)
-    return train_reranker(cfg, run, init)
+    result = train_reranker(cfg, run, init, resume=resume)
+    metrics = evaluate_reranker(cfg, run, result["model_dir"])
+    out = {k: result[k] for k in ("steps", "final_loss", "examples", "train_time_s") if k in result}
+    out["hits"] = {k: metrics[k] for k in ("bm25", "reranker") if k in metrics}
+    return out
 
 
-def _stage_student(cfg: KardConfig, run: io.RunDir) -> dict:
+def _stage_student(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     from kard_ray.training.student import train_student
 
     init = resolve_model(cfg.student.model, cfg.student.tiny, run, "t5", cfg.seed)
     out = {}
     for v in variants(cfg):
         print(f"[student] training variant {v}", flush=True)
-        r = train_student(cfg, run, v, init)
+        r = train_student(cfg, run, v, init, resume=resume)
         out[v] = {k: r[k] for k in ("steps", "final_loss", "samples_per_s", "train_time_s") if k in r}
     return out
 
 
-def _stage_evaluate(cfg: KardConfig, run: io.RunDir) -> dict:
+def _stage_evaluate(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     from kard_ray.evaluation import evaluate
 
     metrics = evaluate(cfg, run)
     return {m: round(v["accuracy"], 4) for m, v in metrics["methods"].items()}
 
 
-STAGE_FNS: dict[str, Callable[[KardConfig, io.RunDir], dict]] = {
+STAGE_FNS: dict[str, Callable[[KardConfig, io.RunDir, bool], dict]] = {
     "questions": _stage_questions, "knowledge": _stage_knowledge, "teacher": _stage_teacher,
-    "examples": _stage_examples, "reranker": _stage_reranker, "student": _stage_student, "evaluate": _stage_evaluate,
+    "examples": _stage_examples, "mine": _stage_mine, "reranker": _stage_reranker, "student": _stage_student,
+    "evaluate": _stage_evaluate,
 }
 
 
@@ -204,11 +238,88 @@ def load_manifest(run: io.RunDir) -> dict:
     return {"stages": {}}
 
 
-def run(cfg: KardConfig, from_stage: str | None = None, only: list[str] | None = None) -> dict:
-    """Run the pipeline; returns the manifest. Finished, unchanged stages are skipped."""
-    for s in [from_stage, *(only or [])]:
-        if s is not None and s not in STAGES:
-            raise ValueError(f"unknown stage {s!r}; stages are {STAGES}")
+def check_stage_names(names, flag: str) -> None:
+    """Unknown stage names fail with the closest match, as config keys do."""
+    import difflib
+
+    from kard_ray.config import ConfigError
+
+    for s in names:
+        if s not in STAGES:
+            close = difflib.get_close_matches(s, STAGES, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"{flag}: unknown stage {s!r}{hint} (stages: {', '.join(STAGES)})")
+
+
+def stale_upstream(cfg: KardConfig, manifest: dict, fps: dict, stage: str, running: set[str]) -> list[str]:
+    """Upstream stages of `stage` (transitively) that are neither current in the manifest nor about to run."""
+    out, todo = [], list(DEPENDS_ON[stage][0])
+    while todo:
+        up = todo.pop()
+        if up in out or up in running or not stage_needed(cfg, up):
+            continue
+        entry = manifest["stages"].get(up, {})
+        if entry.get("status") != "done" or entry.get("fingerprint") != fps[up]:
+            out.append(up)
+        todo.extend(DEPENDS_ON[up][0])
+    return sorted(out, key=STAGES.index)
+
+
+def _plan_stages(cfg: KardConfig, manifest: dict, fps: dict, from_stage, only) -> list[tuple[str, bool]]:
+    """(stage, explicit) for every stage to run, in order; prints why each other stage is skipped."""
+    forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
+    plan = []
+    for stage in STAGES:
+        if only is not None and stage not in only:
+            continue
+        if not stage_needed(cfg, stage):
+            print(f"[pipeline] {stage:10s} not needed by methods {cfg.methods}", flush=True)
+            continue
+        explicit = stage in forced or (only is not None and stage in only)
+        entry = manifest["stages"].get(stage, {})
+        if not explicit and entry.get("status") == "done" and entry.get("fingerprint") == fps[stage]:
+            print(f"[pipeline] {stage:10s} skipped (finished, inputs and config unchanged)", flush=True)
+            continue
+        plan.append((stage, explicit))
+    if only is not None:
+        running = {s for s, _ in plan}
+        for stage, _ in plan:
+            stale = stale_upstream(cfg, manifest, fps, stage, running)
+            if stale:
+                raise ValueError(f"--only {stage}: upstream stage(s) {', '.join(stale)} are missing or stale for this "
+                                 f"config; run them too (--only {' '.join(stale)} {stage}) or use --from-stage")
+    return plan
+
+
+def _run_stage(cfg: KardConfig, run_dir: io.RunDir, manifest: dict, stage: str, fingerprint: str,
+               resume: bool) -> None:
+    print(f"[pipeline] {stage:10s} running ...", flush=True)
+    t0 = time.time()
+    manifest["stages"][stage] = {"status": "running", "fingerprint": fingerprint,
+                                 "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    io.write_json(run_dir.manifest, manifest)
+    try:
+        counts = STAGE_FNS[stage](cfg, run_dir, resume)
+    except BaseException as e:
+        manifest["stages"][stage].update(status="failed", seconds=round(time.time() - t0, 1),
+                                         error=f"{type(e).__name__}: {e}",
+                                         traceback=traceback.format_exc(limit=20)[-4000:])
+        io.write_json(run_dir.manifest, manifest)
+        print(f"[pipeline] {stage:10s} FAILED after {time.time() - t0:.1f}s: {type(e).__name__}: {e}", flush=True)
+        raise
+    manifest["stages"][stage].update(status="done", seconds=round(time.time() - t0, 1), counts=counts,
+                                     finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    io.write_json(run_dir.manifest, manifest)
+    print(f"[pipeline] {stage:10s} done in {time.time() - t0:.1f}s {json.dumps(counts, default=str)[:300]}", flush=True)
+
+
+def run(cfg: KardConfig, from_stage: str | None = None, only: list[str] | None = None,
+        resume: bool = False) -> dict:
+    """Run the pipeline; returns the manifest. Finished, unchanged stages are skipped.
+
+    Stages named by `from_stage`/`only` run even when unchanged; their training starts from scratch
+    unless `resume`. A stage that runs because its inputs changed resumes only an identical run."""
+    check_stage_names([s for s in [from_stage, *(only or [])] if s is not None], "--only/--from-stage")
     from kard_ray.config import resolve_local_paths
     from kard_ray.runtime import init_ray
 
@@ -216,41 +327,15 @@ def run(cfg: KardConfig, from_stage: str | None = None, only: list[str] | None =
     init_ray(cfg)
     run_dir = io.RunDir(cfg.run_dir)
     io.makedirs(run_dir.root)
-    io.write_bytes(run_dir.config, cfg.to_yaml().encode())
     manifest = load_manifest(run_dir)
-    manifest["config_hash"] = cfg.section_hash(*[f.name for f in cfg.__dataclass_fields__.values()])
     fps = fingerprints(cfg)
-    forced = set(STAGES[STAGES.index(from_stage):]) if from_stage else set()
+    plan = _plan_stages(cfg, manifest, fps, from_stage, only)
+    io.write_bytes(run_dir.config, cfg.to_yaml().encode())
+    manifest["config_hash"] = cfg.section_hash(*[f.name for f in cfg.__dataclass_fields__.values()])
     t_start = time.time()
     print(f"[pipeline] run directory {run_dir.root}", flush=True)
-    for stage in STAGES:
-        entry = manifest["stages"].get(stage, {})
-        if only is not None and stage not in only:
-            continue
-        if not stage_needed(cfg, stage):
-            print(f"[pipeline] {stage:10s} not needed by methods {cfg.methods}", flush=True)
-            continue
-        explicit = stage in forced or (only is not None and stage in only)
-        if not explicit and entry.get("status") == "done" and entry.get("fingerprint") == fps[stage]:
-            print(f"[pipeline] {stage:10s} skipped (finished, inputs and config unchanged)", flush=True)
-            continue
-        print(f"[pipeline] {stage:10s} running ...", flush=True)
-        t0 = time.time()
-        manifest["stages"][stage] = {"status": "running", "fingerprint": fps[stage], "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        io.write_json(run_dir.manifest, manifest)
-        try:
-            counts = STAGE_FNS[stage](cfg, run_dir)
-        except BaseException as e:
-            manifest["stages"][stage].update(status="failed", seconds=round(time.time() - t0, 1),
-                                             error=f"{type(e).__name__}: {e}",
-                                             traceback=traceback.format_exc(limit=20)[-4000:])
-            io.write_json(run_dir.manifest, manifest)
-            print(f"[pipeline] {stage:10s} FAILED after {time.time() - t0:.1f}s: {type(e).__name__}: {e}", flush=True)
-            raise
-        manifest["stages"][stage].update(status="done", seconds=round(time.time() - t0, 1), counts=counts,
-                                         finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        io.write_json(run_dir.manifest, manifest)
-        print(f"[pipeline] {stage:10s} done in {time.time() - t0:.1f}s {json.dumps(counts, default=str)[:300]}", flush=True)
+    for stage, explicit in plan:
+        _run_stage(cfg, run_dir, manifest, stage, fps[stage], resume=resume or not explicit)
     print(f"[pipeline] finished in {time.time() - t_start:.1f}s", flush=True)
     if os.environ.get("KARD_PRINT_RESULTS", "1") == "1" and io.exists(run_dir.path("eval", "results.md")):
         print(io.read_bytes(run_dir.path("eval", "results.md")).decode(), flush=True)

@@ -1,4 +1,4 @@
-"""Student examples straight from the synthetic task, with *oracle* knowledge (the entity's true
+"""Test helper: student examples straight from the synthetic task, with *oracle* knowledge (the entity's true
 fact passage): tests and benchmarks of the trainer without the knowledge and teacher stages.
 
 The pipeline never uses this; it retrieves with BM25 (`student.build_student_examples`).
@@ -7,7 +7,7 @@ The pipeline never uses this; it retrieves with BM25 (`student.build_student_exa
 from __future__ import annotations
 
 from kard_ray.data.synthetic import SyntheticTask
-from kard_ray.training.student import answer_letter, format_source, format_target
+from kard_ray.inference.formats import answer_letter, format_source, format_target
 
 
 def oracle_examples(task: SyntheticTask, variant: str = "kard") -> list[dict]:

@@ -29,9 +29,11 @@ from kard_ray import io
 from kard_ray.config import RerankerConfig, config_from_dict
 from kard_ray.data import schemas
 from kard_ray.io import RunDir
+from kard_ray.evaluation.reranker import evaluate_reranker
+from kard_ray.inference.reranker import Reranker, rerank_dataset
 from kard_ray.training.reranker import (
-    EXAMPLES_SCHEMA, RerankCollate, Reranker, RerankerLoss, listwise_loss, mine_candidates, rerank_dataset,
-    sample_candidates, tau_model_at, train_reranker)
+    EXAMPLES_SCHEMA, RerankCollate, RerankerLoss, listwise_loss, mine_candidates, sample_candidates, tau_model_at,
+    train_reranker)
 
 RERANKER = {"architecture": "late_interaction", "loss": "kl", "num_workers": 0, "batch_size": 16, "lr": 2e-3,
             "max_steps": 40, "candidates_k": 8, "k_star": 8, "max_length": 64, "max_query_length": 32,
@@ -166,7 +168,7 @@ def test_candidate_sampling_draws_from_each_list_distinct_and_tops_up():
 
 
 def test_late_interaction_maxsim_masks_padding_and_padding_does_not_change_scores(tiny_bert_dir, tmp_path):
-    from kard_ray.training.reranker_models import LateInteraction, build_reranker, save_reranker
+    from kard_ray.inference.reranker import LateInteraction, build_reranker, save_reranker
     from kard_ray.models import load_tokenizer
 
     torch.manual_seed(0)
@@ -198,13 +200,12 @@ def test_late_interaction_maxsim_masks_padding_and_padding_does_not_change_score
 @pytest.mark.timeout(180)
 def test_mining_writes_candidates_with_bm25_silver_scores(synth):
     from kard_ray.knowledge import BM25Index
-    from kard_ray.training.reranker_mining import MINING_META, examples_current
 
-    path = mine_candidates(synth.cfg, synth.run)
-    assert path == synth.run.examples("reranker") and examples_current(synth.cfg, synth.run)
+    meta = mine_candidates(synth.cfg, synth.run)
+    path = meta["path"]
+    assert path == synth.run.examples("reranker")
     table = io.read_table(path)
     assert table.schema.equals(EXAMPLES_SCHEMA)
-    meta = io.read_json(io.join(path, MINING_META))
     kept = sum(io.read_table(synth.run.rationales).column("consistent").to_pylist())
     assert meta["rationales"] == kept == table.num_rows + meta["dropped"] and table.num_rows > 0.9 * kept
     index = BM25Index.load(synth.run.bm25_index)
@@ -227,9 +228,7 @@ def test_mining_writes_candidates_with_bm25_silver_scores(synth):
 
 
 def ensure_examples(synth) -> str:
-    from kard_ray.training.reranker_mining import examples_current
-
-    if not examples_current(synth.cfg, synth.run):
+    if not io.exists(synth.run.examples("reranker")):
         mine_candidates(synth.cfg, synth.run)
     return synth.run.examples("reranker")
 
@@ -254,11 +253,12 @@ def test_step_sampling_is_keyed_by_seed_step_and_example_not_by_batch_position(s
 
 @pytest.mark.timeout(420)
 def test_tiny_reranker_beats_bm25_hits_at_1_on_held_out_questions(synth):
+    ensure_examples(synth)
     result = train_reranker(synth.cfg, synth.run, synth.init, resume=False)
     curve = result["loss_curve"]
     assert result["steps"] == len(curve) == synth.cfg.reranker.max_steps
     assert np.mean(curve[-10:]) < 0.6 * np.mean(curve[:5]), curve
-    hits = result["hits"]
+    hits = evaluate_reranker(synth.cfg, synth.run, result["model_dir"])
     metrics = io.read_json(synth.run.path("eval", "reranker_metrics.json"))
     assert metrics["n_questions"] == len(synth.task.test_questions) and metrics["source"].startswith("test split")
     assert metrics["bm25"] == hits["bm25"] and metrics["reranker"] == hits["reranker"]
@@ -279,7 +279,7 @@ def check_rerank_dataset_matches_online(synth, model_dir: str) -> None:
     """The Ray Data stage reorders and cuts exactly as the online object scores."""
     import ray
 
-    from kard_ray.evaluation.evaluate import question_query
+    from kard_ray.inference.formats import question_query
     from kard_ray.knowledge import format_passage, retrieve
 
     qs = synth.task.test_questions[:6]
@@ -304,11 +304,12 @@ def check_rerank_dataset_matches_online(synth, model_dir: str) -> None:
 def test_each_architecture_and_loss_trains_saves_and_loads(synth, architecture, loss, workers):
     """Short runs (with the long late-interaction + KL run above, both models and both losses train).
     workers=1: the default cross-encoder in a real Ray Train worker with checkpoints."""
-    from kard_ray.training.reranker_models import build_reranker, load_reranker
+    from kard_ray.inference.reranker import build_reranker, load_reranker
 
     cfg = with_reranker(synth.cfg, architecture=architecture, loss=loss, num_workers=workers, max_steps=4,
                         checkpoint_every_steps=2, log_every_steps=2, tau_anneal=True, tau_model=2.0, tau_min=0.5)
-    result = train_reranker(cfg, synth.run, synth.init, resume=False, evaluate=False)
+    ensure_examples(synth)
+    result = train_reranker(cfg, synth.run, synth.init, resume=False)
     assert result["steps"] == 4 and all(math.isfinite(x) for x in result["loss_curve"])
     model_dir = synth.run.model("reranker")
     model, meta = load_reranker(model_dir)
@@ -375,7 +376,7 @@ def test_strategyqa_mining_silver_equals_direct_bm25(shared_data, tmp_path, ray_
         passages = [json.loads(line) for line in fh]
     build_index(run, pa.Table.from_pylist(passages, schema=schemas.PASSAGES), cfg)
 
-    table = io.read_table(mine_candidates(cfg, run))
+    table = io.read_table(mine_candidates(cfg, run)["path"])
     held = {q for q in qmap if is_holdout(q, cfg.seed, 0.1)}
     mined_q = set(table.column("question_id").to_pylist())
     assert held and not (held & mined_q) and len(mined_q) >= 20
@@ -412,7 +413,8 @@ def test_strategyqa_mining_silver_equals_direct_bm25(shared_data, tmp_path, ray_
 def test_bad_inputs_fail_with_clear_errors(synth, tmp_path):
     import ray
 
-    from kard_ray.training.reranker_mining import kept_rationales, read_questions
+    from kard_ray.data.stage import read_questions
+    from kard_ray.teacher import kept_rationales
 
     bad = RunDir(str(tmp_path / "bad"))
     io.write_table(pa.table({"question_id": ["x"], "sample": [0], "text": ["t"]}), io.join(bad.rationales, "p.parquet"))
@@ -431,7 +433,7 @@ def test_bad_inputs_fail_with_clear_errors(synth, tmp_path):
     with pytest.raises(ValueError, match="holdout_fraction"):
         RerankerConfig(holdout_fraction=1.0)
     from kard_ray.models import load_tokenizer
-    from kard_ray.training.reranker_models import build_reranker, save_reranker
+    from kard_ray.inference.reranker import build_reranker, save_reranker
 
     model_dir = str(tmp_path / "model")
     save_reranker(build_reranker("cross_encoder", synth.init), model_dir, load_tokenizer(synth.init), {})

@@ -72,7 +72,7 @@ def _offline(run_dir: str, method: str) -> dict[str, dict]:
     return {r["question_id"]: r for r in rows}
 
 
-def _ingress_only_app(name: str, route_prefix: str, method: str, **limits):
+def _ingress_only_app(name: str, route_prefix: str, method: str, admit=None, retry_after_s=1.0, **limits):
     """A second app whose Ingress reuses the main app's model deployments (no second model load)."""
     from ray import serve
 
@@ -81,7 +81,8 @@ def _ingress_only_app(name: str, route_prefix: str, method: str, **limits):
     from kard_ray.serve.deployments import Ingress
 
     handles = [serve.get_deployment_handle(n, app_name=APP_NAME) for n in ("Retriever", "Reranker", "Generator")]
-    settings = {"method": method, "k": 1, "k_star": 20, "limits": Limits(**limits)}
+    settings = {"method": method, "k": 1, "k_star": 20, "limits": Limits(**limits), "admit": admit,
+                "retry_after_s": retry_after_s}
     serve.run(Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}).bind(*handles, settings),
               name=name, route_prefix=route_prefix)
 
@@ -152,7 +153,7 @@ def test_answers_equal_offline_predictions_kard_bm25(tiny_run, served, client):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_retrieve_returns_the_passages_answer_uses(tiny_run, served, client):
-    from kard_ray.evaluation.evaluate import question_query
+    from kard_ray.inference.formats import question_query
 
     q = _test_questions(tiny_run)[0]
     req = {"question": q["question"], "options": list(q["options"])}
@@ -301,6 +302,291 @@ def test_bounded_concurrent_load_has_no_5xx(tiny_run, served, client):
 
 
 # ------------------------------------------------------------------------------------------------
+# OpenAI-compatible chat completions and rerank, with the official `openai` client as the caller
+
+
+def _openai(prefix: str = "", **kw):
+    import openai
+
+    return openai.OpenAI(base_url=f"{BASE}{prefix}/v1", api_key="not-needed", **kw)
+
+
+def _chat_text(q: dict) -> str:
+    """The question as a person would type it: the options on 'A. ...' lines."""
+    return q["question"] + "\n" + "\n".join(f"{'ABCDEFGHIJ'[i]}. {o}" for i, o in enumerate(q["options"]))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_chat_completions_with_the_openai_client(tiny_run, served, client):
+    import openai
+
+    oa = _openai(max_retries=0)
+    (model,) = [m.id for m in oa.models.list().data]
+    assert model == "kard_reranker"
+    for q in _test_questions(tiny_run)[:3]:
+        want = client.post("/v1/answer", json={"question": q["question"], "options": list(q["options"])}).json()
+        # options parsed from the message's "A. ..." lines
+        done = oa.chat.completions.create(model=model, messages=[
+            {"role": "system", "content": "Answer the question."}, {"role": "user", "content": _chat_text(q)}])
+        assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
+        assert done.choices[0].message.content == want["generation"]  # greedy: the same answer as /v1/answer
+        assert done.usage.prompt_tokens > 0 and done.usage.completion_tokens > 0
+        kard = done.model_extra["kard"]
+        assert (kard["question"], kard["options"]) == (q["question"], list(q["options"]))
+        assert (kard["answer_index"], kard["answer_letter"]) == (want["answer_index"], want["answer_letter"])
+        assert [p["id"] for p in kard["passages"]] == [p["id"] for p in want["passages"]]
+        # options as the structured extension field; streamed token by token
+        stream = oa.chat.completions.create(model=model, stream=True, stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": q["question"]}],
+                                            extra_body={"options": list(q["options"])})
+        chunks = list(stream)
+        pieces = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+        assert len(pieces) >= 2  # streamed, not one block
+        assert "".join(pieces).strip() == want["generation"]
+        (final,) = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+        assert final.model_extra["kard"]["answer_index"] == want["answer_index"]
+        assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens > 0
+        assert len({c.id for c in chunks}) == 1
+
+    # errors surface as the client's usual exceptions, with OpenAI's error fields
+    with pytest.raises(openai.NotFoundError) as e:
+        oa.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": _chat_text(q)}])
+    assert e.value.code == "model_not_found" and e.value.param == "model"
+    with pytest.raises(openai.BadRequestError) as e:
+        oa.chat.completions.create(model=model, messages=[{"role": "user", "content": "no options in here"}])
+    assert e.value.param == "messages[0].content" and "options" in e.value.message
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_openai_client_sees_503_with_retry_after_and_retries(tiny_run, served, client):
+    """An Ingress that admits one request at a time: a burst gets 503 + Retry-After; the client without
+    retries raises, the client with its default retries honours Retry-After and gets every answer."""
+    import openai
+    from concurrent.futures import ThreadPoolExecutor
+
+    _ingress_only_app("kard-one", "/one", "kard_reranker", admit=1, retry_after_s=1.0, request_timeout_s=20)
+    q = _test_questions(tiny_run)[0]
+    msg = [{"role": "user", "content": _chat_text(q)}]
+
+    def ask(oa):
+        try:
+            return oa.chat.completions.create(model="kard_reranker", messages=msg)
+        except openai.APIStatusError as e:
+            return e
+
+    with ThreadPoolExecutor(6) as ex:
+        got = list(ex.map(ask, [_openai("/one", max_retries=0)] * 6))
+    refused = [g for g in got if isinstance(g, openai.APIStatusError)]
+    assert refused and len(refused) < 6, got
+    for e in refused:
+        assert isinstance(e, openai.InternalServerError) and e.status_code == 503 and e.code == "overloaded"
+        assert e.response.headers["retry-after"] == "1" and e.response.headers.get("x-request-id")
+    with ThreadPoolExecutor(6) as ex:
+        got = list(ex.map(ask, [_openai("/one", max_retries=6)] * 6))
+    assert all(not isinstance(g, Exception) and g.choices[0].message.content for g in got), got
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_rerank_endpoint_is_the_distilled_reranker(tiny_run, served, client):
+    from kard_ray.inference.formats import question_query
+    from kard_ray.knowledge import format_passage
+
+    q = _test_questions(tiny_run)[0]
+    req = {"question": q["question"], "options": list(q["options"])}
+    deep = client.post("/v1/retrieve", json={**req, "k": 8, "candidates": 8}).json()["passages"]
+    docs = [format_passage(p["title"], p["text"]) for p in reversed(deep)]  # shuffled order in
+    r = client.post("/v1/rerank", json={"query": question_query(q["question"], q["options"]), "documents": docs,
+                                        "top_n": 5, "return_documents": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["id"] == r.headers["x-request-id"]
+    res = body["results"]
+    assert len(res) == 5 and [x["relevance_score"] for x in res] == sorted((x["relevance_score"] for x in res), reverse=True)
+    # the same scores and order the answer path's reranker gives
+    assert [x["document"]["text"] for x in res] == docs[::-1][:5]
+    assert [round(x["relevance_score"], 4) for x in res] == [round(p["score"], 4) for p in deep[:5]]
+    bad = client.post("/v1/rerank", json={"query": "q", "documents": ["a", ""]})
+    assert (bad.status_code, bad.json()["field"]) == (422, "documents[1]")
+
+
+# ------------------------------------------------------------------------------------------------
+# operations: request ids, metrics, overload, autoscaling
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_request_id_on_every_response_in_errors_and_in_the_logs(tiny_run, served, client):
+    import ray
+
+    q = _test_questions(tiny_run)[0]
+    ok = client.post("/v1/answer", json={"question": q["question"], "options": list(q["options"])})
+    bad = client.post("/v1/answer", json={"question": "", "options": ["a", "b"]})
+    mine = client.post("/v1/answer", json={"question": "", "options": ["a", "b"]}, headers={"X-Request-ID": "kard-test-42"})
+    for r in (ok, bad, mine, client.get("/healthz"), client.get("/v1/nope")):
+        assert r.headers.get("x-request-id"), (r.status_code, r.headers)
+    assert ok.headers["x-request-id"] != bad.headers["x-request-id"]
+    assert bad.json()["request_id"] == bad.headers["x-request-id"]
+    assert mine.headers["x-request-id"] == "kard-test-42" == mine.json()["request_id"]
+    # Serve's access log of the Ingress replica names every request by its id
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path()) / "serve"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        text = "".join(p.read_text(errors="replace") for p in logs.glob("replica_kard_Ingress_*.log"))
+        if "kard-test-42" in text and ok.headers["x-request-id"] in text:
+            break
+        time.sleep(1)
+    assert "kard-test-42" in text and ok.headers["x-request-id"] in text
+
+
+def _scrape(pattern: str, timeout_s: float = 60) -> list[str]:
+    """Lines of the Ray node's Prometheus endpoint matching `pattern` (Ray exports every few seconds)."""
+    import re
+
+    import httpx
+    import ray
+
+    node = ray.nodes()[0]
+    url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    deadline = time.time() + timeout_s
+    while True:
+        text = httpx.get(url, timeout=10).text
+        lines = [l for l in text.splitlines() if re.search(pattern, l) and not l.startswith("#")]
+        if lines or time.time() > deadline:
+            return lines
+        time.sleep(2)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_overload_is_answered_503_at_once_and_throughput_holds(tiny_run, served, client):
+    """hey at the peak concurrency, then at 128 (bounded request counts): past capacity requests are
+    refused with 503 + Retry-After (JSON), the 200s keep their throughput and latency."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from kard_ray.serve.load import hey_path, run_hey
+
+    if hey_path() is None:
+        pytest.skip("`hey` is not installed (apt-get install -y hey; .ci/run installs it)")
+    q = _test_questions(tiny_run)[0]
+    body = {"question": q["question"], "options": list(q["options"])}
+    url = f"{BASE}/v1/answer"
+    run_hey(url, body, concurrency=8, requests=32)  # warm-up
+    peak = run_hey(url, body, concurrency=8, requests=160)
+
+    # While hey overloads the service, a side client looks at what a refused request gets.
+    with ThreadPoolExecutor(1) as ex:
+        flood = ex.submit(run_hey, url, body, concurrency=128, requests=3000)
+        refused = []
+        with httpx.Client(timeout=60) as side:
+            while not flood.done() and len(refused) < 5:
+                r = side.post(url, json=body)
+                if r.status_code != 200:
+                    refused.append(r)
+        over = flood.result()
+    print(f"\n[serve overload] c=8: {peak.row()}\n[serve overload] c=128: {over.row()}")
+    assert peak.failed == 0 and set(peak.codes) == {200}
+    # every request got an HTTP answer; every non-200 is a 503, and there were some (it was overloaded)
+    assert over.failed == 0 and set(over.codes) == {200, 503}, over.codes
+    assert over.codes[200] >= 50
+    for r in refused:
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, (r.status_code, r.headers, r.text)
+        assert r.json()["error"] == "overloaded" and r.json()["request_id"] == r.headers["x-request-id"]
+    # Throughput of the 200s holds near the peak, their latency stays bounded (the issue: 0.47x and 30x
+    # with an unbounded queue). Looser than bench/RESULTS.md's idle-machine target (0.9x, 2x): other jobs
+    # share these 2 cores while the suite runs.
+    assert over.ok_rps >= 0.7 * peak.ok_rps, (over.row(), peak.row())
+    assert over.ok_pct(99) <= 3.0 * peak.ok_pct(99), (over.row(), peak.row())
+    # the refusals are quick: a 503 is not a request that waited and then gave up
+    fast = sorted(t for t, s in zip(over.latencies, over.statuses) if s == 503)
+    assert fast[len(fast) // 2] < peak.ok_pct(50), (fast[len(fast) // 2], peak.ok_pct(50))
+    # the per-route metrics counted both kinds
+    assert _scrape(r'kard_http_requests.*route="/v1/answer".*status="503"')
+    assert _scrape(r'kard_http_request_latency_ms_bucket.*route="/v1/answer".*status="200"')
+
+
+def _replicas(app: str, deployment: str) -> int:
+    from ray import serve
+
+    st = serve.status().applications[app].deployments[deployment]
+    return st.replica_states.get("RUNNING", 0)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_generator_autoscales_up_under_load_and_back_down_without_failures(tiny_run, served, client):
+    """serve.generator min 1 / max 3: replicas rise under a bounded load, fall after it (Serve's status
+    API), and no request fails during either transition."""
+    import httpx
+    from ray import serve
+
+    from kard_ray.serve import APP_NAME, deployment_options, load_run_config
+    from kard_ray.serve.api import Limits
+    from kard_ray.serve.deployments import Generator, Ingress
+
+    cfg = load_run_config(tiny_run, ["serve.generator.max_replicas=3", "serve.generator.target_ongoing_requests=2",
+                                     "serve.generator.upscale_delay_s=1", "serve.generator.downscale_delay_s=4",
+                                     "serve.generator.metrics_interval_s=0.5", "serve.generator.look_back_period_s=2",
+                                     "serve.generator.max_queued_requests=32", "serve.max_batch_size=2"])
+    opts = deployment_options(cfg, "kard_reranker")["Generator"]
+    assert opts["autoscaling_config"]["max_replicas"] == 3
+    handles = [serve.get_deployment_handle(n, app_name=APP_NAME) for n in ("Retriever", "Reranker")]
+    settings = {"method": "kard_reranker", "k": cfg.eval.k, "k_star": cfg.reranker.k_star,
+                "limits": Limits.from_config(cfg.serve), "admit": 64, "retry_after_s": 1.0}
+    gen = Generator.options(**opts).bind(io.RunDir(tiny_run).model("student_kard"), cfg)
+    serve.run(Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}).bind(*handles, gen, settings),
+              name="kard-scale", route_prefix="/scale")
+    assert _replicas("kard-scale", "Generator") == 1
+    questions = _test_questions(tiny_run)
+    statuses: list[int] = []
+    counts: list[tuple[float, int]] = []
+
+    async def clients(n: int, until) -> None:
+        async with httpx.AsyncClient(base_url=BASE, timeout=120) as ac:
+            async def one(c: int) -> None:
+                i = c
+                while not until():
+                    q = questions[i % len(questions)]
+                    r = await ac.post("/scale/v1/answer", json={"question": q["question"], "options": list(q["options"])})
+                    statuses.append(r.status_code)
+                    i += n
+
+            async def watch() -> None:
+                t0 = time.time()
+                while not until():
+                    counts.append((time.time() - t0, _replicas("kard-scale", "Generator")))
+                    await asyncio.sleep(0.5)
+
+            await asyncio.gather(watch(), *(one(c) for c in range(n)))
+
+    t0, two = time.time(), []
+
+    def up_done() -> bool:
+        if counts and counts[-1][1] >= 2 and not two:
+            two.append(time.time())
+        # a third replica, or 20 s after the second came up, or 150 s in all
+        return bool(counts and counts[-1][1] >= 3) or bool(two and time.time() - two[0] > 20) or time.time() - t0 > 150
+
+    # up: 12 closed-loop clients
+    asyncio.run(clients(12, up_done))
+    peak = max(n for _, n in counts)
+    n_up = len(statuses)
+    # down: one client keeps asking while the replicas go (at most 120 s)
+    t1 = time.time()
+    asyncio.run(clients(1, lambda: (counts and counts[-1][1] == 1 and time.time() - t1 > 3) or time.time() - t1 > 120))
+    print(f"\n[serve autoscale] replicas over time: {[n for _, n in counts]}; {n_up} requests under load, "
+          f"{len(statuses) - n_up} while scaling down; statuses {sorted(set(statuses))}")
+    assert peak >= 2, counts
+    assert _replicas("kard-scale", "Generator") == 1, counts
+    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
+    serve.delete("kard-scale")
+
+
+# ------------------------------------------------------------------------------------------------
 # the CLI (last: it takes over Serve in the shared cluster)
 
 
@@ -330,7 +616,23 @@ def test_kard_ray_serve_cli_serves_and_stops_gracefully_on_sigterm(tiny_run, ray
                        json={"question": q["question"], "options": list(q["options"])}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["generation"] == _offline(tiny_run, "kard_reranker")[q["id"]]["generation"]
+        # Requests in flight (deep reranking keeps them busy), then SIGTERM: they all finish with 200.
+        deep = {"question": q["question"], "options": list(q["options"]), "candidates": 200, "k": 3}
+        results: list = []
+
+        def ask() -> None:
+            try:
+                results.append(httpx.post(f"http://127.0.0.1:{port}/v1/answer", json=deep, timeout=120).status_code)
+            except httpx.TransportError as e:
+                results.append(repr(e))
+
+        askers = [threading.Thread(target=ask) for _ in range(8)]
+        for t in askers:
+            t.start()
+        time.sleep(1.5)
         proc.send_signal(signal.SIGTERM)
+        for t in askers:
+            t.join(timeout=120)
         proc.wait(timeout=120)
         reader.join(timeout=10)
     finally:
@@ -340,5 +642,10 @@ def test_kard_ray_serve_cli_serves_and_stops_gracefully_on_sigterm(tiny_run, ray
     out = "".join(lines)
     assert proc.returncode == 0, out[-3000:]
     assert "shutting down" in out and "stopped" in out, out[-3000:]
+    assert results == [200] * 8, results
+    import re
+
+    drained = re.search(r"drained (\d+) in-flight requests", out)
+    assert drained and int(drained.group(1)) >= 1, out[-3000:]  # SIGTERM did arrive with requests in flight
     with pytest.raises(httpx.TransportError):
         httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)

@@ -9,9 +9,9 @@ import pyarrow as pa
 import pytest
 
 from kard_ray import io
+from kard_ray.inference.formats import answer_letter, encode_sources, format_source, format_target
 from kard_ray.training.student import (
-    Seq2SeqCollate, _tokenizer, answer_letter, build_student_examples, count_target_tokens, encode_sources,
-    encode_targets, format_source, format_target, train_student,
+    Seq2SeqCollate, _tokenizer, build_student_examples, count_target_tokens, encode_targets, train_student,
 )
 
 
@@ -188,22 +188,3 @@ def test_train_student_in_process(student_run, tiny_t5_dir):
     assert r["model_dir"] == run.model("student_kard")
     assert os.path.exists(io.join(r["model_dir"], "train_log.jsonl"))
     assert load_seq2seq(r["model_dir"]) is not None
-
-
-
-@pytest.mark.timeout(300)
-def test_train_student_job(student_run, tiny_t5_dir, capsys):
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("train_student_job", os.path.join(
-        os.path.dirname(__file__), "..", "jobs", "train_student.py"))
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    cfg, run, _ = student_run
-    rc = job.main(["--variant", "ft", "--init-model", tiny_t5_dir, "--fresh", f"run_dir={run.root}",
-                   "student.num_workers=0", "student.batch_size=4", "student.max_steps=3", "student.log_every_steps=3"])
-    assert rc == 0
-    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("{")][-1]
-    out = json.loads(line)
-    assert out["variant"] == "ft" and out["steps"] == 3 and out["model_dir"] == run.model("student_ft")

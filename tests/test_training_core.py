@@ -15,7 +15,7 @@ from kard_ray.config import StudentConfig
 from kard_ray.training.core import make_plan, train
 from kard_ray.training.optim import lr_lambda
 from kard_ray.training.student import seq2seq_task, tokenize_examples
-from kard_ray.training.synthetic import oracle_examples
+from oracle_examples import oracle_examples
 
 
 def test_lr_schedules():
@@ -112,7 +112,8 @@ def test_grad_accumulation_invariance(ray_session, examples, tiny_t5_dir, tmp_pa
 
 def _per_example_losses(model_dir: str, rows: list[dict]) -> tuple[list[float], list[int]]:
     from kard_ray.models import load_seq2seq
-    from kard_ray.training.student import _tokenizer, encode_sources, encode_targets
+    from kard_ray.inference.formats import encode_sources
+    from kard_ray.training.student import _tokenizer, encode_targets
 
     tok, model = _tokenizer(model_dir), load_seq2seq(model_dir)
     src = encode_sources(tok, [r["source"] for r in rows], 128)

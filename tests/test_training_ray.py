@@ -15,7 +15,7 @@ import pytest
 from kard_ray.config import StudentConfig
 from kard_ray.training.core import train
 from kard_ray.training.student import seq2seq_task, tokenize_examples
-from kard_ray.training.synthetic import oracle_examples
+from oracle_examples import oracle_examples
 
 STEPS, CKPT_EVERY, FAIL_AT, KEEP = 30, 10, 15, 2
 

@@ -69,3 +69,30 @@ def prepare_questions(cfg: KardConfig, run: io.RunDir) -> dict:
         counts[f"{split}_questions"] = table.num_rows
         counts[f"{split}_rejected"] = len(rejected)
     return counts
+
+
+def read_questions(run: io.RunDir, split: str) -> dict[str, dict]:
+    """The split's questions by id, each checked for an id, a question, options and an answer index."""
+    path = run.questions(split)
+    if not io.exists(path):
+        raise FileNotFoundError(f"{path}: {split} questions not found (run the questions stage first)")
+    out = {}
+    for i, q in enumerate(io.read_table(path).to_pylist()):
+        if not q.get("id") or not isinstance(q.get("question"), str) or not q.get("options"):
+            raise ValueError(f"{path}: row {i}: needs fields 'id', 'question' and 'options' (got id {q.get('id')!r})")
+        n = len(q["options"])
+        if q.get("answer") is None or not (0 <= q["answer"] < n):
+            raise ValueError(f"{path}: row {i} (id {q.get('id')!r}): field 'answer' {q.get('answer')!r} is not an "
+                             f"index into its {n} options")
+        out[q["id"]] = q
+    return out
+
+
+def test_rationales_path(cfg: KardConfig, run: io.RunDir) -> str | None:
+    """Test-time teacher rationales ({id, rationales} JSONL or raw responses) when the run has some:
+    `eval.oracle_rationales_path`, or the synthetic task's own. Used by the oracle method and to decide
+    whether the reranker's Hits@k needs held-out training questions."""
+    path = cfg.eval.oracle_rationales_path
+    if not path and cfg.data.dataset == "synthetic":
+        path = synthetic_inputs(run)["test_rationales"]
+    return path if path and io.exists(path) else None

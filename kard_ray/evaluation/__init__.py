@@ -1,6 +1,5 @@
-"""Evaluation: batch inference over Ray Data, metrics, result tables and plots."""
+"""Evaluation: every method's test predictions and metrics (`evaluate`), the reranker's Hits@k (`reranker`)."""
 
-from kard_ray.evaluation.evaluate import evaluate, method_metrics, question_query, wilson_interval
-from kard_ray.evaluation.generator import StudentGenerator
+from kard_ray.evaluation.evaluate import evaluate, method_metrics, wilson_interval
 
-__all__ = ["evaluate", "method_metrics", "question_query", "wilson_interval", "StudentGenerator"]
+__all__ = ["evaluate", "method_metrics", "wilson_interval"]

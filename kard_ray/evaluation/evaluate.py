@@ -1,11 +1,8 @@
-"""Batch evaluation on Ray Data: retrieve → (rerank) → student.generate → parse → metrics.
+"""Batch evaluation on Ray Data: the method's passages → student.generate → parse → metrics.
 
-Per method (KARD.md §5):
-    ft, rd          no retrieval (the student never saw a Knowledge field)
-    kard_bm25       BM25 top-k by the question (+ options)
-    kard_reranker   BM25 top-k* by the question, reranked, top-k
-    kard_oracle     BM25 top-k by a test-time teacher rationale, when one exists (an upper bound)
-Each writes `<run>/eval/predictions/<method>/` (parquet); then `metrics.json`, `results.md` and
+Which student and which passages each method uses is the method table (`kard_ray.methods`); the
+passages come from `kard_ray.inference.passages.passages_for` and the answers from
+`kard_ray.inference.generator.StudentGenerator`, the same objects Serve runs. Each method writes `<run>/eval/predictions/<method>/` (parquet); then `metrics.json`, `results.md` and
 `accuracy.png` summarise all methods side by side.
 """
 
@@ -19,17 +16,11 @@ import pyarrow as pa
 
 from kard_ray import io
 from kard_ray.config import KardConfig
-from kard_ray.evaluation.generator import StudentGenerator
-
-STUDENT_OF = {"ft": "student_ft", "rd": "student_rd", "kard_bm25": "student_kard",
-              "kard_reranker": "student_kard", "kard_oracle": "student_kard"}
-RETRIEVAL_OF = {"ft": "none", "rd": "none", "kard_bm25": "bm25", "kard_reranker": "bm25+reranker",
-                "kard_oracle": "oracle rationale"}
-
-
-def question_query(question: str, options) -> str:
-    """The inference-time retrieval query: the question and its options (KARD.md §5)."""
-    return f"{question} {' '.join(options)}"
+from kard_ray.data.stage import test_rationales_path
+from kard_ray.inference.formats import question_query
+from kard_ray.inference.generator import StudentGenerator
+from kard_ray.inference.passages import passages_for
+from kard_ray.methods import METHODS
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -69,7 +60,7 @@ class PredictBatch:
         return {
             "question_id": list(batch["id"]),
             "method": [self.method] * n,
-            "retrieval": [RETRIEVAL_OF[self.method]] * n,
+            "retrieval": [METHODS[self.method].retrieval] * n,
             "passage_ids": ids,
             "generation": [p.generation for p in preds],
             "pred_index": [p.pred_index for p in preds],
@@ -78,17 +69,6 @@ class PredictBatch:
             "answer": answers,
             "correct": [p.pred_index == a for p, a in zip(preds, answers)],
         }
-
-
-def oracle_rationales_path(cfg: KardConfig, run: io.RunDir) -> str | None:
-    if cfg.eval.oracle_rationales_path:
-        return cfg.eval.oracle_rationales_path
-    if cfg.data.dataset == "synthetic":
-        from kard_ray.data.stage import synthetic_inputs
-
-        path = synthetic_inputs(run)["test_rationales"]
-        return path if io.exists(path) else None
-    return None
 
 
 def _test_dataset(cfg: KardConfig, run: io.RunDir, method: str):
@@ -100,7 +80,7 @@ def _test_dataset(cfg: KardConfig, run: io.RunDir, method: str):
     if method == "kard_oracle":
         from kard_ray.teacher import load_teacher_rationales
 
-        rationales = load_teacher_rationales(oracle_rationales_path(cfg, run))
+        rationales = load_teacher_rationales(test_rationales_path(cfg, run))
         keep = [qid in rationales for qid in table.column("id").to_pylist()]
         table = table.filter(pa.array(keep))
         table = table.append_column("oracle_query", pa.array([rationales[q][0] for q in table.column("id").to_pylist()]))
@@ -111,24 +91,13 @@ def predict_method(cfg: KardConfig, run: io.RunDir, method: str) -> str:
     """Run one method's batch inference; returns its predictions directory."""
     import ray
 
-    from kard_ray.knowledge import retrieve
-
-    ds = _test_dataset(cfg, run, method)
-    if method == "kard_bm25":
-        ds = retrieve(ds, "query", cfg.eval.k, run.root, cfg.knowledge)
-    elif method == "kard_oracle":
-        ds = retrieve(ds, "oracle_query", cfg.eval.k, run.root, cfg.knowledge)
-    elif method == "kard_reranker":
-        from kard_ray.training.reranker import rerank_dataset
-
-        ds = retrieve(ds, "query", cfg.reranker.k_star, run.root, cfg.knowledge)
-        ds = rerank_dataset(ds, run.model("reranker"), cfg, k=cfg.eval.k)
+    ds = passages_for(_test_dataset(cfg, run, method), method, cfg, run)
     out = run.path("eval", "predictions", method)
     if io.exists(out):
         io.remove(out)
     ds = ds.map_batches(
         PredictBatch,
-        fn_constructor_kwargs=dict(model_dir=run.model(STUDENT_OF[method]), method=method, dataset=cfg.data.dataset,
+        fn_constructor_kwargs=dict(model_dir=run.model(METHODS[method].student), method=method, dataset=cfg.data.dataset,
                                    eval_cfg=cfg.to_dict()["eval"], max_source_length=cfg.student.max_source_length,
                                    seed=cfg.seed),
         compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
@@ -155,7 +124,7 @@ def method_metrics(predictions: pa.Table) -> dict:
 
 def methods_to_evaluate(cfg: KardConfig, run: io.RunDir) -> list[str]:
     methods = list(cfg.methods)
-    if cfg.eval.oracle and any(m.startswith("kard") for m in methods) and oracle_rationales_path(cfg, run):
+    if cfg.eval.oracle and any(METHODS[m].variant == "kard" for m in methods) and test_rationales_path(cfg, run):
         methods.append("kard_oracle")
     return methods
 
@@ -167,7 +136,7 @@ def evaluate(cfg: KardConfig, run: io.RunDir) -> dict:
         t0 = time.time()
         out = predict_method(cfg, run, method)
         m = method_metrics(io.read_table(out))
-        m["retrieval"] = RETRIEVAL_OF[method]
+        m["retrieval"] = METHODS[method].retrieval
         m["seconds"] = round(time.time() - t0, 1)
         metrics["methods"][method] = m
         print(f"[evaluate] {method:14s} accuracy {m['accuracy']:.3f} "

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+from kard_ray.inference.formats import encode_sources, format_source
+
 LETTERS = "ABCDEFGHIJ"
 
 
@@ -67,14 +69,10 @@ class StudentGenerator:
         self.seed = seed
 
     def source(self, question: str, options: list[str], passages: list[str] | None) -> str:
-        from kard_ray.training.student import format_source
-
         return format_source(question, list(options), passages, self.dataset)
 
     def generate(self, sources: list[str]) -> list[list[str]]:
         """`n_votes` generations per source (one when greedy)."""
-        from kard_ray.training.student import encode_sources
-
         torch = self.torch
         # Truncate exactly as training did (the middle goes, the "Explanation:" cue stays).
         ids = encode_sources(self.tokenizer, sources, self.max_source_length)

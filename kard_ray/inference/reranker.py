@@ -1,4 +1,4 @@
-"""Reranker architectures, their tokenisation, save/load, and the `Reranker` used for inference.
+"""The reranker at inference: architectures, tokenisation, save/load, `Reranker`, batch `rerank_dataset`.
 
 Two architectures over any HF encoder (name or path):
 
@@ -11,8 +11,9 @@ Two architectures over any HF encoder (name or path):
   sum over query tokens of the maximum dot product over passage tokens, padding masked on both sides
   (raw dot products, as in the authors' code, which found them slightly better than cosine).
 
-Training (`reranker.py`) and inference (`Reranker`) tokenise through the same two functions,
-`encode_pairs` and `encode_texts`, so a model sees at inference exactly what it was trained on.
+Training (`kard_ray.training.reranker`) and inference (`Reranker`, and `rerank_dataset` on Ray Data)
+tokenise through the same two functions, `encode_pairs` and `encode_texts`, so a model sees at
+inference exactly what it was trained on; `top_k` is the one stable top-k cut.
 
 An exported model directory holds the encoder's `save_pretrained` files, the tokenizer, and
 `kard_reranker.json` naming the architecture (and, for late interaction, the compressor weights in
@@ -26,10 +27,14 @@ import os
 import threading
 from typing import Optional, Sequence
 
+import math
+
 import numpy as np
+import pyarrow as pa
 import torch
 
 from kard_ray import io
+from kard_ray.inference.formats import top_k
 
 META_FILE = "kard_reranker.json"
 COLBERT_HEAD_FILE = "colbert_linear.safetensors"
@@ -242,7 +247,7 @@ class Reranker:
         rr = Reranker.from_dir(run.model("reranker"))
         scores = rr.rerank("What is the main export of Brax? salt tin", ["Brax . The main export ..."])
 
-    Queries are the question with its options (`kard_ray.evaluation.evaluate.question_query`), as in
+    Queries are the question with its options (`kard_ray.inference.formats.question_query`), as in
     training; candidates are passage strings "Title . text" (`kard_ray.knowledge.format_passage`).
     """
 
@@ -309,3 +314,66 @@ class Reranker:
             out.append(LateInteraction.maxsim(q_vecs[qi], q_enc["attention_mask"][qi], d_vecs,
                                               d_enc["attention_mask"]).float().cpu().numpy())
         return np.concatenate(out).astype(np.float32)
+
+
+
+# ------------------------------------------------------------------------------------------------
+# batch reranking on Ray Data
+
+PASSAGE_LISTS = ("passage_ids", "passage_titles", "passage_texts")
+
+
+class RerankBatch:
+    """Ray Data actor: one Reranker (loaded once) reorders each row's passage lists and keeps the top k."""
+
+    def __init__(self, model_dir: str, max_length: int, k: int, num_threads: int = 1):
+        torch.set_num_threads(max(1, num_threads))  # a fractional-CPU actor must not spawn a thread per core
+        self.reranker = Reranker.from_dir(model_dir, max_length=max_length)
+        self.k = int(k)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from kard_ray.knowledge import format_passage
+
+        for col in ("query", *PASSAGE_LISTS, "passage_scores"):
+            if col not in batch.column_names:
+                raise KeyError(f"rerank_dataset: no column {col!r} (columns: {batch.column_names}); "
+                               "retrieve passages first (kard_ray.knowledge.retrieve)")
+        titles = batch.column("passage_titles").to_pylist()
+        texts = batch.column("passage_texts").to_pylist()
+        cands = [[format_passage(t, x) for t, x in zip(ts or [], xs or [])] for ts, xs in zip(titles, texts)]
+        scores = self.reranker.rerank_batch([str(q) for q in batch.column("query").to_pylist()], cands)
+        orders = [np.asarray(top_k(s, self.k), np.int64) for s in scores]
+        lengths = np.array([len(c) for c in cands], np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        take = pa.array(np.concatenate([starts[i] + o for i, o in enumerate(orders)]).astype(np.int64)
+                        if orders else np.zeros(0, np.int64))
+        offsets = pa.array(np.concatenate([[0], np.cumsum([len(o) for o in orders])]).astype(np.int32))
+        for col in PASSAGE_LISTS:
+            values = batch.column(col).combine_chunks().flatten()
+            batch = batch.set_column(batch.column_names.index(col), col,
+                                     pa.ListArray.from_arrays(offsets, values.take(take)))
+        new_scores = np.concatenate([s[o] for s, o in zip(scores, orders)]).astype(np.float32) if orders else []
+        return batch.set_column(batch.column_names.index("passage_scores"), "passage_scores",
+                                pa.ListArray.from_arrays(offsets, pa.array(new_scores, pa.float32())))
+
+
+def rerank_dataset(ds, model_dir: str, cfg, k: int, *, batch_size: int = 8, num_gpus: float = 0.0):
+    """Rerank retrieved passages: rows with `query` and passage_ids/_scores/_titles/_texts (from
+    `kard_ray.knowledge.retrieve`, k* deep) come back with those lists reordered by reranker score and
+    cut to the top `k`; passage_scores become the reranker's scores. Other columns pass through.
+
+    Runs on an actor pool of `reranker.num_actors` actors with `reranker.num_cpus_per_actor` CPUs
+    (and `num_gpus`) each; every actor loads the model once; `batch_size` questions per call.
+    """
+    import ray
+
+    if k < 1:
+        raise ValueError(f"rerank_dataset: k must be >= 1, got {k}")
+    rc = cfg.reranker
+    return ds.map_batches(
+        RerankBatch, batch_format="pyarrow", batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=rc.num_actors), num_cpus=rc.num_cpus_per_actor, num_gpus=num_gpus,
+        fn_constructor_kwargs={"model_dir": model_dir, "max_length": rc.max_length, "k": k,
+                               "num_threads": max(1, math.floor(rc.num_cpus_per_actor))})
+
+

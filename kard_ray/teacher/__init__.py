@@ -7,7 +7,8 @@ consistency / verifier filtering, resumable parquet output.
 
 from kard_ray.teacher.generate import generate_rationales
 from kard_ray.teacher.importers import load_teacher_rationales
+from kard_ray.teacher.kept import kept_rationales
 from kard_ray.teacher.parsing import parse_answer, parse_prediction
 from kard_ray.teacher.prompts import build_messages
 
-__all__ = ["generate_rationales", "parse_answer", "parse_prediction", "build_messages", "load_teacher_rationales"]
+__all__ = ["generate_rationales", "parse_answer", "parse_prediction", "build_messages", "load_teacher_rationales", "kept_rationales"]

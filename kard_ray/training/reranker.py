@@ -1,13 +1,14 @@
-"""Neural reranker distillation (KARD.md §4): mine candidates, train on the trainer core, rerank, evaluate.
+"""Neural reranker distillation (KARD.md §4): mine candidates, then train on the trainer core.
 
 At inference only the question exists; the passages it retrieves are often not the ones its rationale
 needs. The reranker learns, from the question (+ options) alone, to score candidates the way BM25
 with the unseen rationale would:
 
     path = mine_candidates(cfg, run)                 # Ray Data: candidates + silver scores (reranker_mining)
-    result = train_reranker(cfg, run, init_model)    # core.train -> run.model("reranker") -> Hits@k
-    rr = Reranker.from_dir(run.model("reranker"))    # online: rr.rerank(query, ["Title . text", ...])
-    ds = rerank_dataset(ds, run.model("reranker"), cfg, k=1)   # batch: Ray Data actor pool
+    result = train_reranker(cfg, run, init_model)    # core.train -> run.model("reranker")
+
+The trained model is used through `kard_ray.inference.reranker` (`Reranker.from_dir`, `rerank_dataset`)
+and measured by `kard_ray.evaluation.reranker` (Hits@k of the silver passage).
 
 Training step (one `TrainTask` on `kard_ray.training.core`, the same loop, strategies, checkpoints
 and export as the student): the collate function tokenises each example's whole candidate pool (in
@@ -37,17 +38,15 @@ import torch
 from kard_ray import io
 from kard_ray.config import KardConfig, RerankerConfig
 from kard_ray.io import RunDir
+from kard_ray.inference.reranker import (
+    ARCHITECTURES, build_reranker, encode_pairs, encode_texts, load_reranker_tokenizer, save_reranker)
+from kard_ray.knowledge import format_passage
 from kard_ray.training.core import TrainTask, make_plan, train
-from kard_ray.training.reranker_mining import (
-    EXAMPLES_SCHEMA, EvalCandidates, eval_inputs, examples_current, mine_candidates)
-from kard_ray.training.reranker_models import (
-    ARCHITECTURES, Reranker, build_reranker, encode_pairs, encode_texts, load_reranker_tokenizer, save_reranker)
+from kard_ray.training.reranker_mining import EXAMPLES_SCHEMA, mine_candidates
 
-__all__ = ["EXAMPLES_SCHEMA", "Reranker", "evaluate_reranker", "listwise_loss", "mine_candidates", "rerank_dataset",
-           "reranker_task", "sample_candidates", "tau_model_at", "train_reranker"]
+__all__ = ["EXAMPLES_SCHEMA", "listwise_loss", "mine_candidates", "reranker_task", "sample_candidates",
+           "tau_model_at", "train_reranker"]
 
-HITS_AT = (1, 3, 5, 10)
-METRICS_FILE = "reranker_metrics.json"
 TRAIN_COLUMNS = ["question_id", "sample", "query", "candidate_titles", "candidate_texts", "silver",
                  "from_rationale", "from_question"]
 _MASKED = -1e9  # finite "minus infinity": exp() underflows to 0 without inf - inf = nan in gradients
@@ -116,12 +115,6 @@ def example_key(question_id: str, sample: int) -> int:
 # the TrainTask
 
 
-def _passage(title, text) -> str:
-    from kard_ray.knowledge import format_passage
-
-    return format_passage(title, text)
-
-
 class RerankCollate:
     """Numpy rows of reranker examples -> tensors of every candidate of every example.
 
@@ -150,7 +143,7 @@ class RerankCollate:
             mask[i, :n] = True
             from_r[i, :n] = np.asarray(batch["from_rationale"][i], bool)
             from_q[i, :n] = np.asarray(batch["from_question"][i], bool)
-            passages += [_passage(t, x) for t, x in zip(batch["candidate_titles"][i], batch["candidate_texts"][i])]
+            passages += [format_passage(t, x) for t, x in zip(batch["candidate_titles"][i], batch["candidate_texts"][i])]
         keys = np.array([example_key(q, s) for q, s in zip(batch["question_id"], batch["sample"])], np.int64)
         out = {"silver": silver, "pool_mask": mask, "from_rationale": from_r, "from_question": from_q,
                "pool_size": sizes, "key": keys}
@@ -240,7 +233,7 @@ class RerankerExport:
 
 def reranker_task(cfg: RerankerConfig, init_model: str, total_steps: int, seed: int) -> TrainTask:
     meta = {"init_model": init_model, "max_length": cfg.max_length, "max_query_length": cfg.max_query_length,
-            "loss": cfg.loss, "query": "question + options (kard_ray.evaluation.evaluate.question_query)",
+            "loss": cfg.loss, "query": "question + options (kard_ray.inference.formats.question_query)",
             "passage": "Title . text (kard_ray.knowledge.format_passage)"}
     load_reranker_tokenizer(init_model)  # fail here, not inside a worker, when the tokenizer is unusable
     return TrainTask(build_model=RerankerBuild(), loss_fn=RerankerLoss(cfg, total_steps, seed),
@@ -253,23 +246,23 @@ def reranker_task(cfg: RerankerConfig, init_model: str, total_steps: int, seed: 
 
 
 def reranker_dataset(cfg: KardConfig, run: RunDir):
-    """The mined examples (mined first when missing or stale), shuffled once and materialised."""
+    """The mined examples (`mine_candidates`, the pipeline's `mine` stage), shuffled once and materialised."""
     import ray
 
-    if not examples_current(cfg, run):
-        mine_candidates(cfg, run)
+    if not io.exists(run.examples("reranker")):
+        raise FileNotFoundError(f"{run.examples('reranker')}: no mined reranker examples (run the `mine` stage, "
+                                "or kard_ray.training.reranker_mining.mine_candidates, first)")
     ds = ray.data.read_parquet(run.examples("reranker"), file_extensions=["parquet"]).select_columns(TRAIN_COLUMNS)
     return ds.random_shuffle(seed=cfg.seed).materialize()
 
 
 def train_reranker(cfg: KardConfig, run: RunDir, init_model: str, *, resume: bool = True,
-                   fail_at_step: Optional[int] = None, evaluate: bool = True) -> dict:
-    """Mine (if needed), train on the core, export to run.model("reranker"), evaluate Hits@k.
+                   fail_at_step: Optional[int] = None) -> dict:
+    """Train on the mined examples with the core and export to run.model("reranker").
 
     init_model: HF encoder name or local/URI path with its tokenizer (for `reranker.model: tiny` the
     pipeline first saves one with `kard_ray.models.save_tiny_model`). Returns the core's result
-    ({"steps", "final_loss", "loss_curve", "samples_per_s", ...}) plus "examples", "model_dir",
-    "hits" ({"bm25": {"hits@1": ..}, "reranker": {..}}) and "eval" (the whole metrics file).
+    ({"steps", "final_loss", "loss_curve", "samples_per_s", ...}) plus "examples" and "model_dir".
     """
     rc = cfg.reranker
     if init_model == "tiny":
@@ -283,122 +276,6 @@ def train_reranker(cfg: KardConfig, run: RunDir, init_model: str, *, resume: boo
     result = train(task, ds, rc, output_dir=out, storage_path=cfg.resources.storage_path or run.checkpoints,
                    name="reranker", model_config=model_config, seed=cfg.seed, resume=resume, fail_at_step=fail_at_step)
     result.update({"examples": n_rows, "model_dir": out, "architecture": rc.architecture, "loss": rc.loss})
-    if evaluate:
-        metrics = evaluate_reranker(cfg, run, out)
-        result["hits"] = {k: metrics[k] for k in ("bm25", "reranker") if k in metrics}
-        result["eval"] = metrics
     return result
 
 
-# ------------------------------------------------------------------------------------------------
-# batch reranking on Ray Data
-
-PASSAGE_LISTS = ("passage_ids", "passage_titles", "passage_texts")
-
-
-class RerankBatch:
-    """Ray Data actor: one Reranker (loaded once) reorders each row's passage lists and keeps the top k."""
-
-    def __init__(self, model_dir: str, max_length: int, k: int, num_threads: int = 1):
-        torch.set_num_threads(max(1, num_threads))  # a fractional-CPU actor must not spawn a thread per core
-        self.reranker = Reranker.from_dir(model_dir, max_length=max_length)
-        self.k = int(k)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        for col in ("query", *PASSAGE_LISTS, "passage_scores"):
-            if col not in batch.column_names:
-                raise KeyError(f"rerank_dataset: no column {col!r} (columns: {batch.column_names}); "
-                               "retrieve passages first (kard_ray.knowledge.retrieve)")
-        titles = batch.column("passage_titles").to_pylist()
-        texts = batch.column("passage_texts").to_pylist()
-        cands = [[_passage(t, x) for t, x in zip(ts or [], xs or [])] for ts, xs in zip(titles, texts)]
-        scores = self.reranker.rerank_batch([str(q) for q in batch.column("query").to_pylist()], cands)
-        orders = [np.argsort(-s, kind="stable")[: self.k] for s in scores]  # ties keep retrieval order
-        lengths = np.array([len(c) for c in cands], np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        take = pa.array(np.concatenate([starts[i] + o for i, o in enumerate(orders)]).astype(np.int64)
-                        if orders else np.zeros(0, np.int64))
-        offsets = pa.array(np.concatenate([[0], np.cumsum([len(o) for o in orders])]).astype(np.int32))
-        for col in PASSAGE_LISTS:
-            values = batch.column(col).combine_chunks().flatten()
-            batch = batch.set_column(batch.column_names.index(col), col,
-                                     pa.ListArray.from_arrays(offsets, values.take(take)))
-        new_scores = np.concatenate([s[o] for s, o in zip(scores, orders)]).astype(np.float32) if orders else []
-        return batch.set_column(batch.column_names.index("passage_scores"), "passage_scores",
-                                pa.ListArray.from_arrays(offsets, pa.array(new_scores, pa.float32())))
-
-
-def rerank_dataset(ds, model_dir: str, cfg: KardConfig, k: int, *, batch_size: int = 8, num_gpus: float = 0.0):
-    """Rerank retrieved passages: rows with `query` and passage_ids/_scores/_titles/_texts (from
-    `kard_ray.knowledge.retrieve`, k* deep) come back with those lists reordered by reranker score and
-    cut to the top `k`; passage_scores become the reranker's scores. Other columns pass through.
-
-    Runs on an actor pool of `reranker.num_actors` actors with `reranker.num_cpus_per_actor` CPUs
-    (and `num_gpus`) each; every actor loads the model once; `batch_size` questions per call.
-    """
-    import ray
-
-    if k < 1:
-        raise ValueError(f"rerank_dataset: k must be >= 1, got {k}")
-    rc = cfg.reranker
-    return ds.map_batches(
-        RerankBatch, batch_format="pyarrow", batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=rc.num_actors), num_cpus=rc.num_cpus_per_actor, num_gpus=num_gpus,
-        fn_constructor_kwargs={"model_dir": model_dir, "max_length": rc.max_length, "k": k,
-                               "num_threads": max(1, math.floor(rc.num_cpus_per_actor))})
-
-
-# ------------------------------------------------------------------------------------------------
-# evaluation
-
-
-def hits_at(ranked: list[list[str]], gold: list[Optional[str]], ks=HITS_AT) -> dict:
-    """Share of questions whose gold id is among the first k of its ranking, per k; and MRR."""
-    n = len(ranked)
-    out = {f"hits@{k}": (sum(g is not None and g in r[:k] for r, g in zip(ranked, gold)) / n if n else 0.0)
-           for k in ks}
-    rr = [1.0 / (r.index(g) + 1) for r, g in zip(ranked, gold) if g is not None and g in r]
-    out["mrr"] = sum(rr) / n if n else 0.0
-    return out
-
-
-def evaluate_reranker(cfg: KardConfig, run: RunDir, model_dir: str) -> dict:
-    """Hits@{1,3,5,10} of the silver top passage (BM25's top hit for a held-out question's rationale)
-    among the question's top-k* candidates, in retrieval order vs reranker order.
-
-    Writes `<run>/eval/reranker_metrics.json` and returns it. The reranking runs as the batch stage
-    (`rerank_dataset`), the same path evaluation uses.
-    """
-    import ray
-
-    rc = cfg.reranker
-    path = run.path("eval", METRICS_FILE)
-    table, source = eval_inputs(cfg, run)
-    if table is None:
-        metrics = {"skipped": source}
-        io.write_json(path, metrics)
-        print(f"[reranker] Hits@k not measured: {source}", flush=True)
-        return metrics
-    kc = cfg.knowledge
-    ds = ray.data.from_arrow(table).map_batches(
-        EvalCandidates, batch_format="pyarrow", batch_size=kc.retrieval_batch_size,
-        compute=ray.data.ActorPoolStrategy(size=kc.retrieval_actors), num_cpus=kc.num_cpus_per_retrieval_actor,
-        fn_constructor_kwargs={"run_dir": run.root, "cfg": kc, "k_star": rc.k_star})
-    ds = rerank_dataset(ds, model_dir, cfg, k=rc.k_star)
-    rows = sorted(ds.select_columns(["question_id", "silver_top_id", "retrieved_ids", "passage_ids"]).take_all(),
-                  key=lambda r: r["question_id"])
-    gold = [r["silver_top_id"] for r in rows]
-    retrieved = [list(r["retrieved_ids"]) for r in rows]
-    reranked = [list(r["passage_ids"]) for r in rows]
-    metrics = {
-        "n_questions": len(rows), "source": source, "k_star": rc.k_star, "retriever": kc.retriever,
-        "silver_in_candidates": hits_at(retrieved, gold, (rc.k_star,))[f"hits@{rc.k_star}"],
-        "bm25": hits_at(retrieved, gold), "reranker": hits_at(reranked, gold),
-        "architecture": rc.architecture, "loss": rc.loss, "model_dir": model_dir,
-    }
-    io.write_json(path, metrics)
-    b, r = metrics["bm25"], metrics["reranker"]
-    print("[reranker] Hits@1/3/5/10 on {} held-out questions: retrieval {} -> reranker {}".format(
-        len(rows), "/".join(f"{b[f'hits@{k}']:.3f}" for k in HITS_AT),
-        "/".join(f"{r[f'hits@{k}']:.3f}" for k in HITS_AT)), flush=True)
-    return metrics

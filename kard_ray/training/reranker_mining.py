@@ -1,4 +1,4 @@
-"""Reranker candidate mining (Ray Data) and the held-out questions its Hits@k report uses.
+"""Reranker candidate mining on Ray Data (the pipeline's `mine` stage).
 
 For each (training question, kept rationale) — KARD.md §4:
   * BM25 top-K by the **rationale** (the passages the rationale would have retrieved) and top-K by the
@@ -9,30 +9,29 @@ For each (training question, kept rationale) — KARD.md §4:
   * every candidate's silver score is its BM25 relevance to the rationale, read from the index's own
     score matrix (`BM25Index.score_rows`, the row-number form of `score_pairs`: no id map needed).
 
-One row per (question, rationale) goes to `run.examples("reranker")` (parquet, `EXAMPLES_SCHEMA`),
-with `_kard_mining.json` beside the part files recording what it was mined from, so a rerun mines
-again only when its inputs changed. Mining runs on an actor pool of `knowledge.retrieval_actors`
-actors (each loads the index once), `knowledge.retrieval_batch_size` rationales per batch.
+One row per (question, rationale) goes to `run.examples("reranker")` (parquet, `EXAMPLES_SCHEMA`);
+the pipeline's manifest decides when to mine again (its `mine` stage fingerprint). Mining runs on an
+actor pool of `knowledge.retrieval_actors` actors (each loads the index once),
+`knowledge.retrieval_batch_size` rationales per batch.
 
-Evaluation questions: the test split when test-time rationales exist (`eval.oracle_rationales_path`,
-or the synthetic task's own), otherwise `reranker.holdout_fraction` of the training questions, chosen
-by a hash of (seed, id) and never mined for training.
+Held-out questions: when the run has no test-time rationales, `reranker.holdout_fraction` of the
+training questions, chosen by a hash of (seed, id), are never mined: `kard_ray.evaluation.reranker`
+measures Hits@k on them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
-from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 
 from kard_ray import io
 from kard_ray.config import KardConfig, KnowledgeConfig
+from kard_ray.data.stage import read_questions, test_rationales_path
+from kard_ray.inference.formats import question_query
 from kard_ray.io import RunDir
-
-MINING_META = "_kard_mining.json"  # a leading "_" keeps parquet readers from treating it as data
+from kard_ray.teacher.kept import kept_rationales
 
 EXAMPLES_SCHEMA = pa.schema([
     ("question_id", pa.string()),
@@ -55,42 +54,9 @@ INPUT_SCHEMA = pa.schema([("question_id", pa.string()), ("sample", pa.int64()), 
 # inputs
 
 
-def question_query(question: str, options) -> str:
-    """The inference-time query (question + options); the evaluation stage's own definition."""
-    from kard_ray.evaluation.evaluate import question_query as qq
-
-    return qq(question, list(options))
-
-
-def read_questions(run: RunDir, split: str) -> dict[str, dict]:
-    path = run.questions(split)
-    if not io.exists(path):
-        raise FileNotFoundError(f"{path}: {split} questions not found (run the questions stage first)")
-    out = {}
-    for i, q in enumerate(io.read_table(path).to_pylist()):
-        if not q.get("id") or not isinstance(q.get("question"), str) or not q.get("options"):
-            raise ValueError(f"{path}: row {i}: needs fields 'id', 'question' and 'options' (got id {q.get('id')!r})")
-        out[q["id"]] = q
-    return out
-
-
-def kept_rationales(run: RunDir, questions: dict[str, dict]) -> list[dict]:
-    """Answer-consistent, non-empty rationales without a generation error, ordered by (question, sample)."""
-    from kard_ray.training.student import read_kept_rationales
-
-    return read_kept_rationales(run, questions)
-
-
-def test_rationales_path(cfg: KardConfig, run: RunDir) -> Optional[str]:
-    """Test-time rationales ({id, rationales} JSONL or raw responses), when the run has some."""
-    from kard_ray.evaluation.evaluate import oracle_rationales_path
-
-    path = oracle_rationales_path(cfg, run)
-    return path if path and io.exists(path) else None
-
-
 def effective_holdout(cfg: KardConfig, run: RunDir) -> float:
-    """Share of training questions held out of mining: 0 when test rationales exist."""
+    """Share of training questions held out of mining: 0 when test rationales exist (the reranker is
+    then measured on the test split, `kard_ray.evaluation.reranker`)."""
     return 0.0 if test_rationales_path(cfg, run) else cfg.reranker.holdout_fraction
 
 
@@ -117,46 +83,6 @@ def mining_inputs(cfg: KardConfig, run: RunDir) -> pa.Table:
         raise ValueError(f"{run.rationales}: no answer-consistent rationale of a training question to mine "
                          f"candidates for (holdout_fraction {frac})")
     return pa.Table.from_pylist(rows, schema=INPUT_SCHEMA)
-
-
-def eval_inputs(cfg: KardConfig, run: RunDir) -> tuple[Optional[pa.Table], str]:
-    """(question_id, query, rationale) of the held-out questions, and where they come from.
-
-    Test split with test-time rationales (first rationale of each) when there are some; else the
-    held-out share of the training questions (first kept rationale); else (None, reason).
-    """
-    from kard_ray.teacher import load_teacher_rationales
-
-    rows = []
-    path = test_rationales_path(cfg, run)
-    if path:
-        source = f"test split, rationales from {path}"
-        rationales = load_teacher_rationales(path)
-        for qid, q in read_questions(run, "test").items():
-            texts = [t for t in rationales.get(qid, []) if t and t.strip()]
-            if texts:
-                rows.append({"question_id": qid, "query": question_query(q["question"], q["options"]),
-                             "rationale": texts[0]})
-    elif cfg.reranker.holdout_fraction > 0:
-        source = f"{cfg.reranker.holdout_fraction:g} of the training questions held out of mining"
-        questions = read_questions(run, "train")
-        seen = set()
-        for r in kept_rationales(run, questions):
-            qid = r["question_id"]
-            if qid in seen or not is_holdout(qid, cfg.seed, cfg.reranker.holdout_fraction):
-                continue
-            seen.add(qid)
-            q = questions[qid]
-            rows.append({"question_id": qid, "query": question_query(q["question"], q["options"]),
-                         "rationale": r["text"]})
-    else:
-        return None, "no test-time rationales and reranker.holdout_fraction = 0"
-    if cfg.reranker.eval_questions:
-        rows = rows[: cfg.reranker.eval_questions]
-    if not rows:
-        return None, f"no held-out question with a rationale ({source})"
-    schema = pa.schema([("question_id", pa.string()), ("query", pa.string()), ("rationale", pa.string())])
-    return pa.Table.from_pylist(rows, schema=schema), source
 
 
 # ------------------------------------------------------------------------------------------------
@@ -225,32 +151,13 @@ class MineBatch:
         }, schema=EXAMPLES_SCHEMA)
 
 
-def mining_fingerprint(cfg: KardConfig, run: RunDir) -> str:
-    """Hash of what the examples depend on: the mining settings, the knowledge config, the input files
-    (names and sizes)."""
-    def files(path: str) -> list:
-        if not io.exists(path):
-            return []
-        fs, _ = io.resolve(path)
-        return [(p.rsplit("/", 1)[-1], fs.get_file_info(io.resolve(p)[1]).size) for p in io.list_files(path)]
+def mine_candidates(cfg: KardConfig, run: RunDir) -> dict:
+    """Mine candidates and silver scores for every kept training rationale.
 
-    blob = {"candidates_k": cfg.reranker.candidates_k, "holdout": effective_holdout(cfg, run), "seed": cfg.seed,
-            "knowledge": cfg.section_hash("knowledge"), "rationales": files(run.rationales),
-            "questions": files(run.questions("train")), "index": files(run.bm25_index)}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def examples_current(cfg: KardConfig, run: RunDir) -> bool:
-    meta = io.join(run.examples("reranker"), MINING_META)
-    return io.exists(meta) and io.read_json(meta).get("fingerprint") == mining_fingerprint(cfg, run)
-
-
-def mine_candidates(cfg: KardConfig, run: RunDir) -> str:
-    """Mine candidates and silver scores for every kept training rationale; returns the examples path.
-
-    Writes `run.examples("reranker")` (parquet, `EXAMPLES_SCHEMA`) and `_kard_mining.json` beside it
-    ({fingerprint, rationales, examples, dropped}). Rationales that retrieve nothing (no indexed term)
-    or leave fewer than two candidates are dropped and counted.
+    Writes `run.examples("reranker")` (parquet, `EXAMPLES_SCHEMA`) and returns {path, rationales,
+    examples, dropped} (the pipeline's `mine` stage records it in the manifest, whose fingerprint
+    decides when to mine again). Rationales that retrieve nothing (no indexed term) or leave fewer
+    than two candidates are dropped and counted.
     """
     import ray
 
@@ -270,36 +177,6 @@ def mine_candidates(cfg: KardConfig, run: RunDir) -> str:
     if n == 0:
         raise ValueError(f"candidate mining produced no example from {inputs.num_rows} rationales: "
                          f"no rationale retrieved a passage from {run.bm25_index}")
-    io.write_json(io.join(out, MINING_META), {"fingerprint": mining_fingerprint(cfg, run),
-                                               "rationales": inputs.num_rows, "examples": n,
-                                               "dropped": inputs.num_rows - n})
     print(f"[reranker] mined candidates for {n} of {inputs.num_rows} rationales "
           f"(K={cfg.reranker.candidates_k}) -> {out}", flush=True)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# evaluation candidates
-
-
-class EvalCandidates:
-    """Ray Data actor: per held-out question, the BM25 top passage of its rationale (`silver_top_id`),
-    and the retriever's top-k* for the question (`passage_*` columns, as `knowledge.retrieve` adds them,
-    plus `retrieved_ids`, the same ids kept in retrieval order)."""
-
-    def __init__(self, run_dir: str, cfg: KnowledgeConfig, k_star: int):
-        from kard_ray.knowledge import Retriever
-
-        self.retriever = Retriever.from_run_dir(run_dir, cfg)
-        self.k_star = int(k_star)
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        from kard_ray.knowledge.retriever import append_results
-
-        bm25 = self.retriever.bm25
-        rows, scores = bm25.search_rows(batch.column("rationale").to_pylist(), 1)
-        top = [bm25.store.ids[int(r[0])].as_py() if s[0] > 0 else None for r, s in zip(rows, scores)]
-        batch = batch.append_column("silver_top_id", pa.array(top, pa.string()))
-        results = self.retriever.search_rows(batch.column("query").to_pylist(), self.k_star)
-        batch = append_results(batch, results, self.retriever)
-        return batch.append_column("retrieved_ids", batch.column("passage_ids"))
+    return {"path": out, "rationales": inputs.num_rows, "examples": n, "dropped": inputs.num_rows - n}

@@ -7,16 +7,14 @@ RD drops the Knowledge field; FT learns the answer alone.
     path = build_student_examples(cfg, run, "kard")       # parquet {question_id, sample, source, target}
     result = train_student(cfg, run, "kard", init_model)  # trains, exports run.model("student_kard")
 
-Inference must tokenise sources with `encode_sources` (the same suffix-preserving truncation as
-training), so a long Knowledge field is cut while "\\nExplanation:" stays at the end.
+The input/target strings and the suffix-preserving source truncation are the inference layer's
+(`kard_ray.inference.formats`): training and inference read the same contract.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
 import functools
-import string
 from typing import Literal, Optional, Sequence
 
 import numpy as np
@@ -25,103 +23,15 @@ import torch
 
 from kard_ray import io
 from kard_ray.config import KardConfig
+from kard_ray.data.stage import read_questions
+from kard_ray.inference.formats import VARIANTS, answer_letter, encode_sources, format_source, format_target
 from kard_ray.io import RunDir
+from kard_ray.teacher.kept import kept_rationales
 from kard_ray.training.core import TrainTask, train
-
-VARIANTS = ("kard", "rd", "ft")
-SOURCE_SUFFIX = "\nExplanation:"
-PASSAGE_SEPARATOR = "\t"  # the authors join several passages with a tab (preprocess_cot_grounded.py)
-
-# The authors' instructions. MedQA names the domain; StrategyQA/OBQA (and our synthetic/generic
-# tasks) drop the domain words. RD has no knowledge, so "with given medical knowledge" goes too.
-_INSTRUCTION = {
-    "medqa": ("The following are multiple-choice questions about medical knowledge. Generate a step-by-step "
-              "explanations for each question with given medical knowledge."),
-    "medqa_rd": ("The following are multiple-choice questions about medical knowledge. Generate a step-by-step "
-                 "explanations for each question."),
-    "default": "The following are multiple-choice questions. Generate a step-by-step explanations for each question.",
-}
-
-
-# ------------------------------------------------------------------------------------------------
-# formatting
-
-
-def _clean(text: str) -> str:
-    """One line: newlines inside a field would read as the prompt's own field separators."""
-    return " ".join(str(text).split())
-
-
-def answer_letter(index: int, n_options: Optional[int] = None) -> str:
-    if index < 0 or index >= 26 or (n_options is not None and index >= n_options):
-        raise ValueError(f"answer index {index} out of range for {n_options} options")
-    return string.ascii_uppercase[index]
-
-
-def format_question(question: str, options: Sequence[str]) -> str:
-    """`{q} A. {o1} B. {o2} ...` (the authors' data template)."""
-    if len(options) < 2 or len(options) > 26:
-        raise ValueError(f"a question needs 2-26 options, got {len(options)}")
-    opts = " ".join(f"{string.ascii_uppercase[i]}. {_clean(o)}" for i, o in enumerate(options))
-    return f"{_clean(question)} {opts}"
-
-
-def format_source(question: str, options: list[str], passages: list[str] | None, dataset: str) -> str:
-    """The student's input, KARD.md §3:
-
-    "<instruction>\\nQuestion: {q} A. {o1} B. {o2} ...\\nKnowledge: {passages}\\nExplanation:"
-
-    passages=None gives RD's input (no Knowledge field). Several passages are joined with a tab.
-    """
-    if passages is None:
-        instruction = _INSTRUCTION["medqa_rd" if dataset == "medqa" else "default"]
-        return f"{instruction}\nQuestion: {format_question(question, options)}{SOURCE_SUFFIX}"
-    instruction = _INSTRUCTION["medqa" if dataset == "medqa" else "default"]
-    knowledge = PASSAGE_SEPARATOR.join(_clean(p) for p in passages)
-    return f"{instruction}\nQuestion: {format_question(question, options)}\nKnowledge: {knowledge}{SOURCE_SUFFIX}"
-
-
-def format_target(rationale: str | None, answer_letter: str, answer_text: str | None = None) -> str:
-    """"{rationale}\\nAnswer: {letter}" (KARD, RD); rationale=None gives FT's answer-only target.
-
-    FT's target is the answer alone — the option's text, then "Answer: {letter}" — so one parser reads
-    every method's output and FT can be scored by text as well as by letter (tiny from-scratch students
-    are scored by text, KARD.md §5). Without `answer_text` it is just "Answer: {letter}".
-    """
-    if rationale is None:
-        return f"{answer_text.strip()}\nAnswer: {answer_letter}" if answer_text else f"Answer: {answer_letter}"
-    return f"{rationale.strip()}\nAnswer: {answer_letter}"
 
 
 # ------------------------------------------------------------------------------------------------
 # tokenisation
-
-
-def encode_sources(tokenizer, sources: Sequence[str], max_length: int) -> list[list[int]]:
-    """Token ids of each source, at most `max_length`, truncating the *middle*.
-
-    A source that fits is tokenised exactly as `tokenizer(source)` would. A longer one loses the end
-    of its question/knowledge text while the "\\nExplanation:" suffix and the end-of-sequence token
-    survive — truncating the tail instead would delete the cue that makes the student explain.
-    """
-    enc = tokenizer(list(sources), add_special_tokens=True, truncation=False,
-                    return_offsets_mapping=tokenizer.is_fast, verbose=False)
-    out = []
-    for i, (src, ids) in enumerate(zip(sources, enc["input_ids"])):
-        if len(ids) <= max_length:
-            out.append(list(ids))
-            continue
-        cut = src.rfind(SOURCE_SUFFIX)
-        if cut < 0 or not tokenizer.is_fast:
-            out.append(list(ids[: max_length - 1]) + [ids[-1]])  # keep EOS at least
-            continue
-        # first token that starts inside the suffix (special tokens have empty (0, 0) offsets)
-        offsets = enc["offset_mapping"][i]
-        first_tail = next((j for j, (a, b) in enumerate(offsets) if b > a and a >= cut), len(ids) - 1)
-        tail = list(ids[first_tail:])
-        head = list(ids[:first_tail])[: max(0, max_length - len(tail))]
-        out.append((head + tail)[-max_length:] if len(tail) > max_length else head + tail)
-    return out
 
 
 def encode_targets(tokenizer, targets: Sequence[str], max_length: Optional[int] = None) -> list[list[int]]:
@@ -236,52 +146,9 @@ def seq2seq_task(init_model: str) -> TrainTask:
 # examples
 
 
-def _read_questions(run: RunDir) -> dict[str, dict]:
-    path = run.questions("train")
-    if not io.exists(path):
-        raise FileNotFoundError(f"{path}: training questions not found (run the questions stage first)")
-    rows = io.read_table(path).to_pylist()
-    out = {}
-    for i, q in enumerate(rows):
-        n = len(q.get("options") or [])
-        if q.get("answer") is None or not (0 <= q["answer"] < n):
-            raise ValueError(f"{path}: row {i} (id {q.get('id')!r}): field 'answer' {q.get('answer')!r} is not an "
-                             f"index into its {n} options")
-        out[q["id"]] = q
-    return out
-
-
-def read_kept_rationales(run: RunDir, questions: dict[str, dict], cap: Optional[int] = None,
-                         require_any: bool = False) -> list[dict]:
-    """Answer-consistent, non-empty rationales without a generation error, ordered by (question, sample);
-    at most `cap` per question. Shared by the student's and the reranker's example builders."""
-    path = run.rationales
-    if not io.exists(path):
-        raise FileNotFoundError(f"{path}: rationales not found (run the teacher stage first)")
-    table = io.read_table(path)
-    for col in ("question_id", "sample", "text", "consistent"):
-        if col not in table.column_names:
-            raise ValueError(f"{path}: missing column {col!r} (have {table.column_names})")
-    rows = table.to_pylist()
-    kept: dict[str, list[dict]] = {}
-    for i, r in enumerate(rows):
-        if r["question_id"] not in questions:
-            raise ValueError(f"{path}: row {i}: question_id {r['question_id']!r} is not in {run.questions('train')}")
-        if not r["consistent"] or r.get("error") or not (r["text"] or "").strip():
-            continue
-        kept.setdefault(r["question_id"], []).append(r)
-    out = []
-    for qid in sorted(kept):
-        rs = sorted(kept[qid], key=lambda r: r["sample"])
-        out.extend(rs[:cap] if cap else rs)
-    if require_any and not out:
-        raise ValueError(f"{path}: no answer-consistent rationale to train on ({len(rows)} rows)")
-    return out
-
-
-def kept_rationales(cfg: KardConfig, run: RunDir, questions: dict[str, dict]) -> list[dict]:
+def student_rationales(cfg: KardConfig, run: RunDir, questions: dict[str, dict]) -> list[dict]:
     """Answer-consistent rationales, at most `student.max_rationales_per_question` per question."""
-    return read_kept_rationales(run, questions, cfg.student.max_rationales_per_question, require_any=True)
+    return kept_rationales(run, questions, cfg.student.max_rationales_per_question, require_any=True)
 
 
 def _format_batch(batch: pa.Table, variant: str, dataset: str) -> pa.Table:
@@ -312,12 +179,12 @@ def build_student_examples(cfg: KardConfig, run: RunDir, variant: Literal["kard"
 
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
-    questions = _read_questions(run)
+    questions = read_questions(run, "train")
     if variant == "ft":
         base = [{"question_id": qid, "sample": 0, "rationale": None, **_q_fields(q)} for qid, q in questions.items()]
     else:
         base = [{"question_id": r["question_id"], "sample": int(r["sample"]), "rationale": r["text"],
-                 **_q_fields(questions[r["question_id"]])} for r in kept_rationales(cfg, run, questions)]
+                 **_q_fields(questions[r["question_id"]])} for r in student_rationales(cfg, run, questions)]
     schema = pa.schema([("question_id", pa.string()), ("sample", pa.int64()), ("rationale", pa.string()),
                         ("question", pa.string()), ("options", pa.list_(pa.string())), ("answer", pa.int64())])
     ds = ray.data.from_arrow(pa.Table.from_pylist(base, schema=schema))
