@@ -48,7 +48,10 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--from-stage", default=None, help="rerun this stage and every later one")
     d.add_argument("--only", nargs="+", default=None, help="run only these stages")
     for name, (_, help) in STAGE_COMMANDS.items():
-        common(name, help)
+        sp = common(name, help)
+        if name == "generate-rationales":
+            sp.add_argument("--estimate", action="store_true", help="print the requests, tokens and dollars the "
+                            "teacher stage would spend, and stop (nothing is requested)")
     s = sub.add_parser("serve", help="serve a finished run directory over HTTP with Ray Serve")
     s.add_argument("run_dir")
     c = common("config", "print the resolved config")
@@ -108,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
         from kard_ray import pipeline
 
         cfg = _config(args, overrides)
+        if getattr(args, "estimate", False):
+            from kard_ray.teacher.estimate import print_estimate
+
+            pipeline.run(cfg, only=["questions"])
+            print_estimate(cfg)
+            return 0
         if args.command == "distill":
             pipeline.run(cfg, from_stage=args.from_stage, only=args.only, resume=args.resume)
         else:

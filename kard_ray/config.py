@@ -196,6 +196,32 @@ class OpenAIBackendConfig:
 
 
 @dataclass
+class OpenAIBatchConfig:
+    completion_window: str = _f("24h", "Batch API completion window (OpenAI accepts only 24h); a batch not done by then expires and its unfinished requests go into a follow-up batch.")
+    max_requests_per_batch: int = _f(5000, "Requests (one per question and sample) per batch file; the prompts are uploaded in chunks of this size, one batch per chunk (the API allows 50,000).")
+    poll_interval_s: float = _f(30.0, "Seconds between status polls of the open batches.")
+    max_followups: int = _f(2, "Follow-up batches for requests that failed or expired; what still fails is recorded as error rows.")
+    max_wait_s: Optional[float] = _f(None, "Give up polling after this many seconds (the batch ids stay in the run directory: a rerun resumes polling); null waits for the completion window.")
+    timeout_s: float = _f(120.0, "Per-request HTTP timeout for the files and batches endpoints.")
+
+    def __post_init__(self):
+        _check(1 <= self.max_requests_per_batch <= 50000, "teacher.openai_batch.max_requests_per_batch", "must be in [1, 50000]")
+        _check(self.poll_interval_s > 0, "teacher.openai_batch.poll_interval_s", "must be > 0")
+        _check(self.max_followups >= 0, "teacher.openai_batch.max_followups", "must be >= 0")
+        _check(self.max_wait_s is None or self.max_wait_s > 0, "teacher.openai_batch.max_wait_s", "must be > 0 or null")
+        _check(self.timeout_s > 0, "teacher.openai_batch.timeout_s", "must be > 0")
+
+
+# Published list prices (USD per 1M tokens, OpenAI, 2024-25) of a few teacher models; extend or override
+# with `teacher.prices` in the config: prices change, and other providers charge differently.
+DEFAULT_PRICES = {
+    "gpt-3.5-turbo": {"input": 0.50, "output": 1.50},
+    "gpt-4o-mini": {"input": 0.15, "output": 0.60},
+    "gpt-4o": {"input": 2.50, "output": 10.00},
+}
+
+
+@dataclass
 class VLLMBackendConfig:
     tensor_parallel_size: int = _f(1, "GPUs per vLLM engine.")
     concurrency: int = _f(1, "vLLM engine replicas.")
@@ -220,8 +246,8 @@ class HFBackendConfig:
 
 @dataclass
 class TeacherConfig:
-    backend: Literal["import", "openai", "vllm", "hf", "synthetic"] = _f(
-        "synthetic", "Where rationales come from: imported files, an OpenAI-compatible API, vLLM on Ray Data, a local HF model, or the synthetic task's own teacher.")
+    backend: Literal["import", "openai", "openai_batch", "vllm", "hf", "synthetic"] = _f(
+        "synthetic", "Where rationales come from: imported files, an OpenAI-compatible API (live, or the Batch API at half price), vLLM on Ray Data, a local HF model, or the synthetic task's own teacher.")
     model: Optional[str] = _f(None, "Teacher model id or path (openai/vllm/hf).")
     import_path: Optional[str] = _f(None, "For backend=import: raw chat.completion JSONL(.gz) or JSONL {id, rationales}.")
     n_samples: int = _f(10, "Rationales sampled per question.")
@@ -232,18 +258,33 @@ class TeacherConfig:
     filter: Literal["parse", "verifier", "none"] = _f("parse", "Keep rationales whose parsed answer is gold (`parse`), scored by a verifier model, or all.")
     verifier_model: Optional[str] = _f(None, "Seq2seq verifier (name or path) used when filter=verifier or for unparsed rationales.")
     retry_errors: bool = _f(True, "On a rerun, regenerate rows recorded with an error (finished rows are never regenerated).")
-    openai: OpenAIBackendConfig = _f(OpenAIBackendConfig(), "OpenAI-compatible backend.")
+    prices: dict[str, dict] = _f(DEFAULT_PRICES, "USD per 1M tokens per model, {model: {input: x, output: y}}, added to the built-in list prices of gpt-3.5-turbo, gpt-4o-mini and gpt-4o; a row's model is matched exactly, else by the longest key it starts with (gpt-3.5-turbo-0301 -> gpt-3.5-turbo).")
+    batch_price_factor: float = _f(0.5, "Price multiplier for rows made with backend=openai_batch (the Batch API bills half).")
+    max_cost_usd: Optional[float] = _f(None, "Budget for this run directory's rationales (rows already written count): no question is requested once its estimated cost would pass it; the stage stops cleanly with what is written, and a rerun with a higher budget continues.")
+    estimate_completion_tokens: Optional[int] = _f(None, "Completion tokens assumed per rationale for --estimate and budget planning until rows are measured; default: max_tokens (the most a row can cost).")
+    tokenizer: Optional[str] = _f(None, "Tokenizer (HF name or path) that counts tokens where the API reports no usage and for --estimate; default: the teacher model's own when it loads, else ~4 characters per token.")
+    openai: OpenAIBackendConfig = _f(OpenAIBackendConfig(), "OpenAI-compatible backend (also the base URL and key of openai_batch).")
+    openai_batch: OpenAIBatchConfig = _f(OpenAIBatchConfig(), "OpenAI Batch API backend: files + batches endpoints.")
     vllm: VLLMBackendConfig = _f(VLLMBackendConfig(), "vLLM backend.")
     hf: HFBackendConfig = _f(HFBackendConfig(), "Local transformers backend.")
 
     def __post_init__(self):
         _check(self.n_samples >= 1, "teacher.n_samples", "must be >= 1")
+        _check(self.max_cost_usd is None or self.max_cost_usd >= 0, "teacher.max_cost_usd", "must be >= 0 or null")
+        _check(self.batch_price_factor >= 0, "teacher.batch_price_factor", "must be >= 0")
+        _check(self.estimate_completion_tokens is None or self.estimate_completion_tokens >= 1,
+               "teacher.estimate_completion_tokens", "must be >= 1 or null")
+        self.prices = {**DEFAULT_PRICES, **self.prices}
+        for model, price in self.prices.items():
+            _check(isinstance(price, dict) and set(price) == {"input", "output"}
+                   and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in price.values()),
+                   f"teacher.prices.{model}", "expected {input: USD per 1M tokens, output: USD per 1M tokens}")
         _check(self.temperature >= 0, "teacher.temperature", "must be >= 0")
         _check(self.max_tokens >= 1, "teacher.max_tokens", "must be >= 1")
         _check(self.n_few_shot >= 0, "teacher.n_few_shot", "must be >= 0")
         if self.backend == "import":
             _check(self.import_path is not None, "teacher.import_path", "required for backend=import")
-        if self.backend in ("openai", "vllm", "hf"):
+        if self.backend in ("openai", "openai_batch", "vllm", "hf"):
             _check(self.model is not None, "teacher.model", f"required for backend={self.backend!r}")
         if self.filter == "verifier":
             _check(self.verifier_model is not None, "teacher.verifier_model", "required for filter=verifier")

@@ -227,3 +227,57 @@ def test_killed_job_resumes_without_duplicates(ray_session, server, tmp_path, sy
     assert served_after and not (served_after & written_q)
     stats = json.loads(Path(run.path("rationales_stats.json")).read_text())
     assert stats["this_run"]["rows_skipped"] == len(written) and stats["n_rationales"] == 2 * len(qs)
+
+
+@pytest.mark.timeout(300)
+def test_budget_stops_cleanly_and_a_higher_budget_continues(ray_session, server, tmp_path, synthetic_task,
+                                                            tiny_t5_dir):
+    """`--estimate` before spending; `teacher.max_cost_usd` stops the stage with whole questions written
+    and the rest never requested; a rerun with a higher budget asks only for what is missing."""
+    from kard_ray.teacher.estimate import estimate_rationales, format_estimate
+
+    base_url, log = server
+    qs = synthetic_task.train_questions[26:38]
+    run = RunDir(str(tmp_path / "run"))
+    io.write_table(pa.Table.from_pylist(qs, schema=schemas.QUESTIONS), run.questions("train"))
+    teacher = {**_teacher_cfg(base_url), "tokenizer": tiny_t5_dir, "estimate_completion_tokens": 8,
+               "prices": {"tiny-teacher": {"input": 1000.0, "output": 2000.0}}}
+    cfg = config_from_dict({"run_dir": run.root, "teacher": teacher})
+    est = estimate_rationales(cfg, run)
+    print("\n" + format_estimate(est))
+    assert est["requests"] == 12 and est["rows_to_do"] == 24 and est["prompt_tokens"] > 12 * 20
+    assert est["completion_tokens"] == 24 * 8 and est["cost_usd"] > 0
+    limit = round(est["cost_usd"] * 0.5, 4)
+
+    start = len(_log_entries(log))
+    cfg = config_from_dict({"run_dir": run.root, "teacher": {**teacher, "max_cost_usd": limit}})
+    stats = generate_rationales(cfg, run)
+    b, c = stats["budget"], stats["cost"]
+    print(f"budget ${limit}: spent ${b['spent_usd']}, {stats['n_rationales']} rows, {b['rows_not_requested']} not "
+          f"requested; measured {stats['prompt_tokens'] / max(1, stats['n_rationales'] // 2):.0f} prompt tokens per "
+          f"request vs {est['prompt_tokens_per_request']} estimated; {stats['this_run']['waves']} waves")
+    assert b["stopped"] and b["rows_not_requested"] > 0
+    table = io.read_table(run.rationales)
+    written_q = set(table["question_id"].to_pylist())
+    assert 0 < len(written_q) < len(qs) and table.num_rows == 2 * len(written_q)  # whole questions only
+    assert b["spent_usd"] == c["total_usd"] and b["spent_usd"] <= limit * 1.25
+    assert c["per_row_usd"] > 0 and c["per_question_usd"] > 0 and c["priced_rows"] == table.num_rows
+    served = {e["question"] for e in _log_entries(log, start) if e["status"] == 200 and not e.get("slow")}
+    asked = {e["question"] for e in _log_entries(log, start)}
+    text_of = {q["question"]: q["id"] for q in qs}
+    assert {text_of[x] for x in served} == written_q and {text_of[x] for x in asked} == written_q
+
+    # the same budget again: nothing left to afford, nothing requested
+    mark = len(_log_entries(log))
+    again = generate_rationales(cfg, run)
+    assert again["this_run"]["rows_written"] == 0 and again["budget"]["stopped"]
+    assert [e for e in _log_entries(log, mark) if not e.get("slow")] == []
+
+    # a higher budget continues with the missing questions only
+    cfg = config_from_dict({"run_dir": run.root, "teacher": {**teacher, "max_cost_usd": limit * 10}})
+    done = generate_rationales(cfg, run)
+    assert done["n_rationales"] == 24 and not done["budget"]["stopped"]
+    assert done["this_run"]["rows_skipped"] == table.num_rows
+    served_now = {text_of[e["question"]] for e in _log_entries(log, mark) if e["status"] == 200 and not e.get("slow")}
+    assert served_now == {q["id"] for q in qs} - written_q
+    assert done["cost"]["total_usd"] > b["spent_usd"]

@@ -106,7 +106,7 @@ class OpenAIChatUDF:
 
     def __init__(self, base_url: str, model: str, api_key: Optional[Secret], requests_per_second: float,
                  max_concurrency: int, max_retries: int, backoff_s: float, timeout_s: float,
-                 temperature: float, max_tokens: int, max_topups: int = 3):
+                 temperature: float, max_tokens: int, max_topups: int = 3, tokenizer: Optional[str] = None):
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self._key = api_key
@@ -118,6 +118,8 @@ class OpenAIChatUDF:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.max_topups = max_topups
+        self.tokenizer = tokenizer
+        self._counter = None
         self.bucket = TokenBucket(requests_per_second)
         self._client = None
         self._sem: Optional[asyncio.Semaphore] = None
@@ -171,16 +173,11 @@ class OpenAIChatUDF:
             if not got:
                 error = "the response held no choices"
                 break
-            usage = body.get("usage") or {}
-            pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            pt, cts = self._usage(body, messages, got)
             n = len(got)
             # Prompt tokens are billed once per request: charged to its first sample.
-            prompt_tokens += [pt if k == 0 else (0 if pt is not None else None) for k in range(n)]
-            if isinstance(ct, int):
-                base, rest = divmod(ct, n)
-                completion += [base + (1 if k < rest else 0) for k in range(n)]
-            else:
-                completion += [None] * n
+            prompt_tokens += [pt if k == 0 else 0 for k in range(n)]
+            completion += cts
             texts += got
             teacher = body.get("model") or self.model
         out = []
@@ -190,6 +187,22 @@ class OpenAIChatUDF:
             else:
                 out.append(gen_row(q, s, "", teacher, error=error or "the server returned fewer choices than requested"))
         return out
+
+    def _usage(self, body: dict, messages: list[dict], texts: list[str]) -> tuple[int, list[int]]:
+        """(prompt tokens, completion tokens per choice) from the response's `usage`; counted with the
+        tokenizer (teacher.tokenizer / the model's, else ~4 characters a token) where it is absent."""
+        usage = body.get("usage") or {}
+        pt, ct = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if (not isinstance(pt, int) or not isinstance(ct, int)) and self._counter is None:
+            from kard_ray.teacher.cost import TokenCounter
+
+            self._counter = TokenCounter(self.tokenizer)
+        if not isinstance(pt, int):
+            pt = self._counter.count_messages(messages)
+        if not isinstance(ct, int):
+            return pt, [self._counter.count_text(x) for x in texts]
+        base, rest = divmod(ct, len(texts))
+        return pt, [base + (1 if k < rest else 0) for k in range(len(texts))]
 
     async def _request(self, payload: dict) -> tuple[Optional[dict], Optional[str]]:
         """POST with retries; (json body, None) or (None, error message)."""
@@ -240,7 +253,7 @@ def openai_stage_kwargs(cfg) -> dict:
             requests_per_second=o.requests_per_second / o.num_actors,
             max_concurrency=per_actor, max_retries=o.max_retries,
             backoff_s=o.backoff_s, timeout_s=o.timeout_s, temperature=cfg.teacher.temperature,
-            max_tokens=cfg.teacher.max_tokens),
+            max_tokens=cfg.teacher.max_tokens, tokenizer=cfg.teacher.tokenizer or cfg.teacher.model),
         compute=ray.data.ActorPoolStrategy(size=o.num_actors, max_concurrent_calls_per_actor=calls,
                                            max_tasks_in_flight_per_actor=calls),
         batch_size=o.batch_size, batch_format="pyarrow", num_cpus=o.num_cpus_per_actor,
