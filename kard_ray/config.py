@@ -317,6 +317,7 @@ class TrainingConfig:
     num_workers: int = _f(1, "Ray Train workers (0 runs the loop in the driver process).")
     use_gpu: bool = _f(False, "One GPU per worker.")
     cpus_per_worker: float = _f(1.0, "CPUs each training worker reserves.")
+    resources_per_worker: dict[str, float] = _f({}, "Custom Ray resources each training worker also reserves, e.g. `{trainer: 1}` with `ray start --resources='{\"trainer\": 1}'` on the nodes that may train: one worker per node offering one unit.")
     epochs: int = _f(3, "Passes over the training examples (ignored when max_steps is set).")
     max_steps: Optional[int] = _f(None, "Stop after this many optimizer steps.")
     batch_size: int = _f(8, "Examples per worker per micro-batch.")

@@ -2,17 +2,32 @@
 
 Every stage reads and writes through these helpers, so a run directory can live on shared object
 storage on a cluster and on local disk on a laptop without a code change.
+
+S3 settings come from the standard AWS environment variables of every process that touches the run
+(`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`/`AWS_DEFAULT_REGION`, and
+`AWS_ENDPOINT_URL` for an S3-compatible store such as MinIO), or from pyarrow's URI parameters,
+which `join` keeps on every derived path:
+
+    s3://bucket/run?endpoint_override=minio.local:9000&scheme=http&region=us-east-1
+
+Credentials are never URI parameters (pyarrow refuses `secret_key` there, and a URI is logged).
+Libraries that read only local files (transformers, bm25s, faiss) get a cached local copy of a
+remote directory (`local_copy`) or write into a staging directory that is uploaded (`staged_dir`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import hashlib
 import io
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -32,11 +47,24 @@ def resolve(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def split_query(uri: str) -> tuple[str, str]:
+    """("s3://bucket/run", "?endpoint_override=...") of a URI; the query is "" when there is none."""
+    base, sep, query = uri.partition("?")
+    return base, sep + query
+
+
 def join(base: str, *parts: str) -> str:
+    """Join path parts; on a URI the query parameters (endpoint, scheme, region) stay at the end."""
     if is_uri(base):
+        base, query = split_query(base)
         scheme, rest = base.split("://", 1)
-        return f"{scheme}://" + posixpath.join(rest, *parts)
+        return f"{scheme}://" + posixpath.join(rest, *parts) + query
     return os.path.join(base, *parts)
+
+
+def display(path: str) -> str:
+    """The path without URI parameters (for log lines and error messages)."""
+    return split_query(str(path))[0]
 
 
 def exists(path: str) -> bool:
@@ -142,6 +170,86 @@ def write_table(table: pa.Table, path: str) -> None:
         os.replace(tmp, p)
     else:
         pq.write_table(table, p, filesystem=fs)
+
+
+def _cache_root() -> str:
+    return os.environ.get("KARD_INDEX_CACHE", os.path.join(tempfile.gettempdir(), "kard_ray_index_cache"))
+
+
+def _etag(fs: pafs.FileSystem, path: str) -> str:
+    """The object's ETag where the filesystem reports one (S3: a HEAD request), else ""."""
+    try:
+        with fs.open_input_file(path) as fh:
+            meta = fh.metadata() or {}
+    except (OSError, NotImplementedError):
+        return ""
+    tag = meta.get("ETag") or meta.get(b"ETag") or b""
+    return tag.decode() if isinstance(tag, bytes) else str(tag)
+
+
+def local_copy(path: str) -> str:
+    """A local directory with the files of `path`: a local path as it is, a URI copied into a cache.
+
+    For libraries that read local files only (transformers' `from_pretrained`, bm25s, faiss). The copy
+    is keyed by the URI and by the remote listing (names, sizes, mtimes and ETags), so a changed remote
+    directory is copied again and an unchanged one is reused by every process on the node. The ETag
+    matters: object-store mtimes have 1 s resolution, and a file rewritten with the same size within
+    that second would otherwise be served stale."""
+    if not is_uri(path):
+        return path
+    fs, inner = resolve(path)
+    infos = [i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True, allow_not_found=True))
+             if i.type == pafs.FileType.File]
+    if not infos:
+        raise FileNotFoundError(f"directory not found or empty: {display(path)}")
+    stamp = json.dumps(sorted((i.path, i.size, str(i.mtime), _etag(fs, i.path)) for i in infos)).encode()
+    target = os.path.join(_cache_root(), hashlib.sha1(path.encode()).hexdigest()[:16],
+                          hashlib.sha1(stamp).hexdigest()[:16])
+    if not os.path.exists(os.path.join(target, ".complete")):
+        tmp = f"{target}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        pafs.copy_files(inner, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+        open(os.path.join(tmp, ".complete"), "w").close()
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process on this node finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def upload_dir(local: str, dest: str) -> None:
+    """Replace the URI directory `dest` by the contents of the local directory `local`."""
+    fs, inner = resolve(dest)
+    if fs.get_file_info(inner).type != pafs.FileType.NotFound:
+        fs.delete_dir(inner)
+    fs.create_dir(inner, recursive=True)
+    pafs.copy_files(local, inner, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+@contextlib.contextmanager
+def staged_dir(dest: str) -> Iterator[str]:
+    """A local directory to write `dest` into: `dest` itself when local, else a temporary directory
+    uploaded to the URI when the block finishes without an error (nothing is uploaded on an error)."""
+    if not is_uri(dest):
+        os.makedirs(dest, exist_ok=True)
+        yield dest
+        return
+    with tempfile.TemporaryDirectory(prefix="kard_stage_") as tmp:
+        yield tmp
+        upload_dir(tmp, dest)
+
+
+def train_storage(path: str) -> tuple[str, Optional[pafs.FileSystem]]:
+    """(storage_path, storage_filesystem) for Ray Train's RunConfig.
+
+    A local path is made absolute (Train's workers run in another directory). A URI gets its pyarrow
+    filesystem built here, from the URI's parameters and the AWS environment variables, and the path
+    inside it, so checkpoints go to the same endpoint as the rest of the run."""
+    if not is_uri(path):
+        return os.path.abspath(path), None
+    fs, inner = resolve(path)
+    return inner, fs
 
 
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:

@@ -83,22 +83,29 @@ def save_tiny_model(kind: str, texts: Iterable[str], cfg: TinyModelConfig, out_d
     return out_dir
 
 
+def _local(name_or_path: str) -> str:
+    """A hub id or local path as given; a URI (s3://run/models/x) as a cached local copy."""
+    from kard_ray import io
+
+    return io.local_copy(name_or_path) if io.is_uri(name_or_path) else name_or_path
+
+
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    return AutoTokenizer.from_pretrained(_local(name_or_path))
 
 
 def load_seq2seq(name_or_path: str, **kw):
     from transformers import AutoModelForSeq2SeqLM
 
-    return AutoModelForSeq2SeqLM.from_pretrained(name_or_path, **kw)
+    return AutoModelForSeq2SeqLM.from_pretrained(_local(name_or_path), **kw)
 
 
 def load_encoder(name_or_path: str, **kw):
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(name_or_path, **kw)
+    return AutoModel.from_pretrained(_local(name_or_path), **kw)
 
 
 def num_params(model, trainable_only: bool = False) -> int:

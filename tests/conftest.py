@@ -131,3 +131,304 @@ def demo_run(ray_session, tmp_path_factory):
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), DEMO_TEST_OVERRIDES + [f"run_dir={run_dir}"])
     manifest = pipeline.run(cfg)
     return cfg, manifest
+
+
+# ---------------------------------------------------------------- distributed: S3 and multi-node Ray
+# An S3-compatible server (moto's, real HTTP on 127.0.0.1) and Ray clusters of several `ray start`
+# nodes on this machine (loopback, one --temp-dir each). Everything started here is stopped here, and
+# every process a cluster started is checked gone afterwards (tests/test_distributed.py uses these).
+
+S3_BUCKET = "kard-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """{"endpoint", "host_port", "bucket", "env"} of a moto S3 server with one bucket made by boto3.
+
+    `env` holds the standard AWS variables a process needs to reach it (credentials, region and
+    AWS_ENDPOINT_URL); they are set in this process for the session too, so the tests read the bucket
+    through pyarrow like the pipeline does."""
+    import logging
+    import secrets
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one access-log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    env = {"AWS_ACCESS_KEY_ID": "kard-test", "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
+           "AWS_REGION": "us-east-1", "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+           "AWS_EC2_METADATA_DISABLED": "true"}
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=S3_BUCKET)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield {"endpoint": endpoint, "host_port": f"{host}:{port}", "bucket": S3_BUCKET, "env": env}
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RayNodes:
+    """A Ray cluster of `ray start --block` processes on 127.0.0.1: one head, worker nodes added and
+    killed at will. Each node has its own --temp-dir, its own ports and a custom resource
+    `kard_node_<name>: 1` naming it; token authentication as Ray 2.60's `ray start` enables it.
+
+    `shutdown()` stops every node and then checks that no process of any node's session (the
+    `ray start` process and everything it started: GCS, raylet, agents, workers) is left."""
+
+    def __init__(self, env: dict[str, str], prefix: str = "krd"):
+        import secrets
+        import tempfile
+
+        # Short: Ray's unix sockets live under the temp dir and a socket path may not exceed 107 bytes.
+        self.root = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+        self.env = {**os.environ, **env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        self.env.pop("RAY_ADDRESS", None)
+        self.procs: dict[str, "subprocess.Popen"] = {}
+        self.sessions: list[int] = []
+        self.gcs_port = free_port()
+        self.dashboard = ""
+
+    # -- nodes ------------------------------------------------------------------------------------
+    def _start(self, name: str, args: list[str], resources: dict | None, env: dict | None = None) -> None:
+        import json
+        import subprocess
+
+        temp = os.path.join(self.root, name)
+        os.makedirs(temp, exist_ok=True)
+        resources = {f"kard_node_{name}": 1, **(resources or {})}
+        cmd = ["ray", "start", "--block", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
+               f"--resources={json.dumps(resources)}", f"--dashboard-agent-listen-port={free_port()}",
+               f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+               f"--runtime-env-agent-port={free_port()}", "--object-store-memory=300000000",
+               "--disable-usage-stats", *args]
+        log = open(os.path.join(self.root, f"{name}.log"), "w")
+        p = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        self.procs[name] = p
+        self.sessions.append(p.pid)  # start_new_session: the session id is the pid
+
+    def start_head(self, num_cpus: float = 0, resources: dict | None = None, extra: list[str] = (),
+                   env: dict | None = None) -> None:
+        dash = free_port()
+        self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                             f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+                             "--include-dashboard=true", f"--num-cpus={num_cpus}", *extra], resources, env)
+        self.dashboard = f"http://127.0.0.1:{dash}"
+        self.wait_for(lambda: self.ray("job", "list").returncode == 0, 180, "the head node's job server")
+
+    def add_worker(self, name: str, num_cpus: float, resources: dict | None = None, attempts: int = 3) -> None:
+        """Start a worker node and wait until the GCS lists it alive. On a loaded machine a raylet can give
+        up waiting for its agents (15 s) and the node exits: it is started again, up to `attempts` times."""
+        import signal
+
+        for attempt in range(attempts):
+            self._start(name, [f"--address=127.0.0.1:{self.gcs_port}", f"--num-cpus={num_cpus}"], resources)
+            proc = self.procs[name]
+            self.wait_for(lambda: proc.poll() is not None or name in self.alive_nodes(), 300, f"worker node {name}")
+            if proc.poll() is None:
+                return
+            self.procs.pop(name)
+            self._kill_session(proc.pid, signal.SIGKILL)
+        raise RuntimeError(f"worker node {name} did not start in {attempts} attempts; see {self.root}/{name}.log")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL every process of a node's session at once: the node is lost, nothing shuts down."""
+        import signal
+
+        p = self.procs.pop(name)
+        self._kill_session(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+
+    @staticmethod
+    def _session_procs(sid: int):
+        import psutil
+
+        out = []
+        for proc in psutil.process_iter(["pid"]):
+            try:
+                if os.getsid(proc.pid) == sid:
+                    out.append(proc)
+            except (ProcessLookupError, PermissionError, psutil.Error):
+                continue
+        return out
+
+    def _kill_session(self, sid: int, sig) -> None:
+        import psutil
+
+        for proc in self._session_procs(sid):
+            try:
+                proc.send_signal(sig)
+            except psutil.Error:
+                pass
+
+    def leftover(self) -> list[str]:
+        """Processes of any node's session, or with this cluster's temp dir in their command line."""
+        import psutil
+
+        left = [p for sid in self.sessions for p in self._session_procs(sid)]
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                if proc.info["cmdline"] and self.root in " ".join(proc.info["cmdline"]) and proc.pid != os.getpid():
+                    left.append(proc)
+            except psutil.Error:
+                continue
+        out = []
+        for p in {p.pid: p for p in left}.values():
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(f"{p.pid} {' '.join(p.cmdline())[:200]}")
+            except psutil.Error:
+                continue
+        return out
+
+    def shutdown(self) -> list[str]:
+        """Stop the worker nodes, then the head (SIGTERM, then SIGKILL); returns what was left over."""
+        import signal
+        import subprocess
+        import time
+
+        # Workers: SIGKILL (a worker node holds nothing the run needs; SIGTERM drains for up to 30 s).
+        # The head: SIGTERM, so GCS and dashboard stop cleanly.
+        for name in [n for n in self.procs if n != "head"] + (["head"] if "head" in self.procs else []):
+            p = self.procs.pop(name)
+            self._kill_session(p.pid, signal.SIGTERM if name == "head" else signal.SIGKILL)
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = time.time() + 30
+        while self.leftover() and time.time() < deadline:
+            time.sleep(1)
+        for sid in self.sessions:
+            self._kill_session(sid, signal.SIGKILL)
+        time.sleep(1)
+        left = self.leftover()
+        # `ray start` records the head's address for a bare `ray.init()`; drop the record if it is ours.
+        for current in ("/tmp/ray/ray_current_cluster", os.path.join(self.root, "ray_current_cluster")):
+            try:
+                if open(current).read().strip().endswith(f":{self.gcs_port}"):
+                    os.unlink(current)
+            except OSError:
+                pass
+        return left
+
+    # -- CLI ----------------------------------------------------------------------------------------
+    def ray(self, *args: str, timeout: float = 120):
+        import subprocess
+
+        return subprocess.run(["ray", *args, "--address", self.dashboard] if args[0] in ("job", "list")
+                              else ["ray", *args], capture_output=True, text=True, env=self.env, timeout=timeout)
+
+    def nodes(self) -> list[dict]:
+        """`ray list nodes` as JSON (node_id, state, resources_total, ...), the state API's view."""
+        import json
+
+        r = self.ray("list", "nodes", "--format", "json", "--detail", "--limit", "1000")
+        if r.returncode != 0:
+            return []
+        try:
+            return json.loads(r.stdout)
+        except ValueError:
+            return []
+
+    def alive_nodes(self) -> dict[str, str]:
+        """{node name: node id} of the alive nodes started by this helper."""
+        out = {}
+        for n in self.nodes():
+            if n.get("state") != "ALIVE":
+                continue
+            for key in n.get("resources_total", {}):
+                if key.startswith("kard_node_"):
+                    out[key.removeprefix("kard_node_")] = n["node_id"]
+        return out
+
+    @staticmethod
+    def wait_for(cond, timeout: float, what: str, every: float = 1.0):
+        import time
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if cond():
+                return
+            time.sleep(every)
+        raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
+
+    def submit(self, entrypoint: list[str], working_dir: str) -> str:
+        """`ray job submit --no-wait`; returns the job id."""
+        import time
+
+        for _ in range(30):  # the job agent registers a few seconds after the job server answers
+            r = self.ray("job", "submit", "--working-dir", working_dir, "--no-wait", "--", *entrypoint)
+            if r.returncode == 0 or "No available agent" not in r.stderr:
+                break
+            time.sleep(3)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return next(line.split("'")[1] for line in r.stdout.splitlines() if "submitted successfully" in line)
+
+    def job_status(self, job_id: str) -> str | None:
+        """succeeded | failed | stopped once the job is terminal, else None."""
+        import re
+
+        r = self.ray("job", "status", job_id)
+        m = re.search(rf"Job '{job_id}' (succeeded|failed|stopped)", r.stdout + r.stderr)
+        return m.group(1) if m else None
+
+    def job_logs(self, job_id: str) -> str:
+        return self.ray("job", "logs", job_id).stdout
+
+    def wait_job(self, job_id: str, timeout: float) -> tuple[str | None, str]:
+        import time
+
+        deadline = time.time() + timeout
+        final = None
+        while final is None and time.time() < deadline:
+            final = self.job_status(job_id)
+            if final is None:
+                time.sleep(3)
+        return final, self.job_logs(job_id)
+
+
+# Ray settings of the test clusters: Ray Train V2, offline models, and node loss noticed within ~3 s
+# (the GCS health-checks raylets every second and gives up after three misses; default ~30 s).
+CLUSTER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0", "RAY_health_check_period_ms": "1000",
+               "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3",
+               "KARD_PRINT_RESULTS": "1",
+               # On a loaded 2-core machine a node's agents can take over the raylet's default 15 s to
+               # start; the raylet then aborts ("Timed out waiting for file ...agent_listen_port").
+               "RAY_agent_register_timeout_ms": "180000"}
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """One multi-node cluster for the distributed tests: a head with 0 CPUs (the driver and GCS only, as
+    in cluster/aws.yaml) and two 2-CPU worker nodes, `a` and `b`, each offering one `kard_trainer`, so two
+    training workers that each ask for one land on different nodes. Every node has the S3 settings in its
+    environment, as nodes with an instance profile / IAM role would."""
+    nodes = RayNodes({**CLUSTER_ENV, **s3_server["env"]})
+    try:
+        nodes.start_head(num_cpus=0)
+        for name in ("a", "b"):  # one after the other: two nodes' agents starting at once starve each other
+            nodes.add_worker(name, num_cpus=2, resources={"kard_trainer": 1})
+        yield nodes
+    finally:
+        left = nodes.shutdown()
+        assert not left, f"processes of the test cluster still running: {left}"

@@ -44,15 +44,16 @@ class Encoder:
     def __init__(self, name_or_path: str, pooling: str = "mean", max_length: int = 256,
                  device: str | None = None, num_threads: int | None = None):
         import torch
-        from transformers import AutoModel, AutoTokenizer
 
         if num_threads:
             torch.set_num_threads(num_threads)  # fractional-CPU actors must not each grab every core
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.pooling = pooling
         self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        self.model = AutoModel.from_pretrained(name_or_path).to(self.device)
+        from kard_ray.models import load_encoder, load_tokenizer  # a URI encoder is copied to a local cache
+
+        self.tokenizer = load_tokenizer(name_or_path)
+        self.model = load_encoder(name_or_path).to(self.device)
         self.model.eval()  # transformers 5 builds models in train mode (dropout on)
         self.dim = int(self.model.config.hidden_size)
 

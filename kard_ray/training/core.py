@@ -441,9 +441,11 @@ def train(task: TrainTask, train_ds, cfg: TrainingConfig, output_dir: str, stora
         res: dict[str, float] = {"CPU": cfg.cpus_per_worker}
         if cfg.use_gpu:
             res["GPU"] = 1
+        res.update(cfg.resources_per_worker)  # custom resources pin workers to the nodes that offer them
         scaling = ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=res)
+    storage, storage_fs = io.train_storage(storage_path)  # a URI's endpoint/region reach Ray Train too
     run_config = ray.train.RunConfig(
-        name=name, storage_path=storage_path,
+        name=name, storage_path=storage, storage_filesystem=storage_fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints))
     if shuffle:
