@@ -84,10 +84,10 @@ class InProcess:
     """The three components in this process, chained like the Ingress chains the deployments."""
 
     def __init__(self, cfg, run_root: str):
-        from kard_ray.evaluation import StudentGenerator
+        from kard_ray.inference.generator import StudentGenerator
         from kard_ray.io import RunDir
         from kard_ray.knowledge import Retriever
-        from kard_ray.training.reranker import Reranker
+        from kard_ray.inference.reranker import Reranker
 
         run = RunDir(run_root)
         e = cfg.eval
@@ -105,7 +105,7 @@ class InProcess:
         return self.student.predict([q for q, _, _ in items], [o for _, o, _ in items], [p for _, _, p in items])
 
     async def answer(self, question: str, options: list[str]) -> dict:
-        from kard_ray.evaluation.evaluate import question_query
+        from kard_ray.inference.formats import question_query
         from kard_ray.knowledge import format_passage
         from kard_ray.serve.deployments import top_k
 
@@ -148,9 +148,72 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LOAD_LEVELS = ((1, 100), (8, 160), (32, 640), (128, 2560))  # (concurrency, requests): the issue's table
+
+
+def load_table(rep, run_dir: str, levels=LOAD_LEVELS) -> dict:
+    """`kard-ray serve <run_dir>` under `hey` (one valid /v1/answer body, bounded request counts), one
+    row per concurrency: requests/s, p50 and p99 of the 200s, status codes; then the overload checks."""
+    import httpx
+
+    from kard_ray import io
+    from kard_ray.serve import load_run_config, start
+    from kard_ray.serve.load import run_hey
+
+    from ray import serve
+
+    port = free_port()
+    cfg = load_run_config(run_dir, [f"serve.port={port}"])
+    q = io.read_table(io.RunDir(cfg.run_dir).questions("test")).to_pylist()[0]
+    body = {"question": q["question"], "options": list(q["options"])}
+    url = f"http://127.0.0.1:{port}/v1/answer"
+    rows, refusals = {}, []
+    start(cfg, cfg.run_dir)
+    try:
+        run_hey(url, body, concurrency=8, requests=40)  # warm-up
+        for c, n in levels:
+            r = run_hey(url, body, concurrency=c, requests=n)
+            rows[c] = r
+            rep.fig(f"load c={c}: requests/s (200s) / p50 / p99 / codes",
+                    f"{r.ok_rps:.1f} / {r.ok_pct(50):.2f} s / {r.ok_pct(99):.2f} s / "
+                    + ", ".join(f"{v} x {k}" for k, v in r.codes.items()) + (f", {r.failed} failed" if r.failed else ""))
+        # what a refused request carries (during one more overload burst)
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(1) as ex, httpx.Client(timeout=60) as side:
+            flood = ex.submit(run_hey, url, body, concurrency=128, requests=1000)
+            while not flood.done() and len(refusals) < 3:
+                resp = side.post(url, json=body)
+                if resp.status_code != 200:
+                    refusals.append((resp.status_code, resp.headers.get("retry-after"), resp.json().get("error")))
+            flood.result()
+    finally:
+        serve.shutdown()
+    top = max(levels)[0]
+    lower = {c: r for c, r in rows.items() if c < top}
+    peak_c = max(lower, key=lambda c: lower[c].ok_rps)
+    over, peak = rows[top], rows[peak_c]
+    checks = {
+        "throughput_ratio": over.ok_rps / peak.ok_rps,
+        "p99_ratio": over.ok_pct(99) / peak.ok_pct(99),
+        "non_200_are_503": set(over.codes) <= {200, 503} and over.failed == 0,
+        "refusals": refusals,
+    }
+    rep.fig(f"load c={top}: 200s/s vs best lower (c={peak_c})", f"{checks['throughput_ratio']:.2f}x (target >= 0.9x)")
+    rep.fig(f"load c={top}: p99 of 200s vs p99 at c={peak_c}", f"{checks['p99_ratio']:.2f}x (target <= 2x)")
+    rep.fig(f"load c={top}: every non-200 a 503", str(checks["non_200_are_503"]))
+    rep.fig("a refused request: status / Retry-After / error", "; ".join(f"{a} / {b} / {e}" for a, b, e in refusals) or "none seen")
+    rep.data["load"] = {"run_dir": run_dir, "rows": {c: r.row() for c, r in rows.items()},
+                        "peak_concurrency": peak_c, **checks}
+    return checks
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--concurrency", default="1,8,32")
+    p.add_argument("--load-run", default=None,
+                   help="also put this run directory (e.g. runs/demo) under `hey` at c=1/8/32/128: the overload table")
+    p.add_argument("--load-only", action="store_true", help="only the --load-run table")
     p.add_argument("--requests-per-client", type=int, default=None,
                    help="requests each client sends per timed run (default: 16 at c=1, 4 at c=8, 2 at c=32)")
     p.add_argument("--candidates", type=int, default=10, help="BM25 candidates handed to the reranker (k*)")
@@ -164,6 +227,19 @@ def main(argv: list[str] | None = None) -> dict:
     levels = [int(c) for c in args.concurrency.split(",")]
     data = common.data_dir(args.data, (common.PASSAGES_FILE, "train.jsonl", "test.jsonl"))
     rep = common.Report("serve", args)
+    if args.load_only:
+        if not args.load_run:
+            p.error("--load-only needs --load-run RUN_DIR")
+        started = common.ray_init()
+        try:
+            checks = load_table(rep, args.load_run)
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        rep.finish(checks["throughput_ratio"], target=None, ratio_label="c=128 200s/s / best lower-concurrency 200s/s")
+        return rep.data
 
     import httpx
 
@@ -229,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
             return runs
 
         both = asyncio.run(run_both())
+        serve.shutdown()
+        if args.load_run:  # a fresh Serve (its own port) for the overload table
+            load_table(rep, args.load_run)
     finally:
         serve.shutdown()
         if started:

@@ -106,17 +106,38 @@ class _Service:
 
     def __init__(self):
         self.mode = "ok"
+        self.seen = []
 
-    async def answer(self, req) -> dict:
-        from kard_ray.serve.http import RequestTimeout
+    async def answer(self, req, usage: bool = False) -> dict:
+        from kard_ray.serve.http import Overloaded, RequestTimeout
 
+        self.seen.append(req)
         if self.mode == "boom":
             raise RuntimeError("secret internal detail /srv/model.bin")
         if self.mode == "timeout":
             raise RequestTimeout(0.5, "generate")
-        return {"answer_index": 0, "answer_letter": "A", "answer_text": req.options[0], "rationale": "r",
+        if self.mode == "overloaded":
+            raise Overloaded("the generate step is over capacity", 2.0)
+        if self.mode == "slow":
+            import asyncio
+
+            await asyncio.sleep(0.3)
+        body = {"answer_index": 0, "answer_letter": "A", "answer_text": req.options[0], "rationale": "r",
                 "generation": "r\nAnswer: A", "method": self.method, "passages": [],
                 "timings_ms": {"retrieve": 1.0, "rerank": None, "generate": 2.0}}
+        if usage:
+            body["usage"] = {"prompt_tokens": 7, "completion_tokens": 3, "finish_reason": "stop"}
+        return body
+
+    async def answer_stream(self, req):
+        answer = await self.answer(req, usage=True)
+        yield {"passages": []}
+        for piece in ("r", "\nAnswer:", " A"):
+            yield {"text": piece}
+        yield {"answer": answer}
+
+    async def rerank(self, query: str, texts: list[str]) -> list[float]:
+        return [float(len(set(query.split()) & set(t.split()))) for t in texts]
 
     async def retrieve(self, req) -> dict:
         return {"method": self.method, "query": req.question, "passages": [], "timings_ms": {"retrieve": 1.0}}
@@ -220,7 +241,18 @@ def test_deployment_options_follow_the_config():
     opts = deployment_options(cfg, "kard_reranker")
     assert set(opts) == {"Retriever", "Reranker", "Generator", "Ingress"}
     g = opts["Generator"]
-    assert g["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 6.0}
+    assert g["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 6.0,
+                                       "upscale_delay_s": 3.0, "downscale_delay_s": 30.0, "metrics_interval_s": 2.0,
+                                       "look_back_period_s": 10.0}
+    # bounded queues, refused with 503 + Retry-After past them
+    assert all(o["max_queued_requests"] >= 1 for o in opts.values())
+    assert all(o["backpressure_config"].status_code == 503 and o["backpressure_config"].retry_after_s == 1.0
+               for o in opts.values())
+    tight = deployment_options(load_config(None, ["serve.generator.max_ongoing_requests=3",
+                                                  "serve.generator.max_queued_requests=-1"]), "kard_reranker")
+    assert (tight["Generator"]["max_ongoing_requests"], tight["Generator"]["max_queued_requests"]) == (3, -1)
+    with pytest.raises(ConfigError, match="max_queued_requests"):
+        load_config(None, ["serve.generator.max_queued_requests=0"])
     assert g["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 1.0}
     assert g["max_ongoing_requests"] >= 2 * 16  # two full batches can queue
     assert opts["Retriever"]["ray_actor_options"]["num_gpus"] == 0
@@ -286,3 +318,190 @@ def test_build_app_from_args_binds_the_graph(tmp_path):
         build_app({"run_dir": str(run), "serve.max_kk": "7"})
     with pytest.raises(ConfigError, match="method"):
         build_app({"run_dir": str(run), "method": "rd"})
+
+
+# ------------------------------------------------------------------------------------------------
+# OpenAI chat completions, models, rerank, admission control (FastAPI app in process, no Serve)
+
+
+@pytest.mark.parametrize("text,question,options", [
+    ("Which river flows through Varnholm?\nA. the Orla\nB. the Ketter\nC. the Mose",
+     "Which river flows through Varnholm?", ["the Orla", "the Ketter", "the Mose"]),
+    ("What is the main export of Brax? A. salt B. tin", "What is the main export of Brax?", ["salt", "tin"]),
+    ("Vitamin A. deficiency causes what?\nA) night blindness\nB) scurvy", "Vitamin A. deficiency causes what?",
+     ["night blindness", "scurvy"]),
+])
+def test_chat_question_parsed_from_option_lines(text, question, options):
+    from kard_ray.serve.openai_api import parse_question
+
+    assert parse_question(text, 8) == (question, options)
+
+
+def test_chat_question_parse_errors_name_the_message():
+    from kard_ray.serve.openai_api import ChatParseError, ChatRequest, parse_question, question_and_options
+
+    with pytest.raises(ChatParseError, match="at least two options"):
+        parse_question("What is the main export of Brax?", 8)
+    with pytest.raises(ChatParseError, match="at most 2"):
+        parse_question("Q? A. a B. b C. c", 2)
+    req = ChatRequest(model="m", messages=[{"role": "system", "content": "be brief"},
+                                           {"role": "user", "content": "Q? A. a B. b"},
+                                           {"role": "assistant", "content": "..."},
+                                           {"role": "user", "content": "no options here"}])
+    with pytest.raises(ChatParseError) as e:
+        question_and_options(req, 8)
+    assert e.value.field == "messages[3].content"  # the last user message
+    # structured options: the message is the question as written
+    req = ChatRequest(model="m", messages=[{"role": "user", "content": [{"type": "text", "text": "Brax?"}]}],
+                      options=["salt", "tin"])
+    assert question_and_options(req, 8) == ("Brax?", ["salt", "tin"])
+
+
+def _chat(client, **kw):
+    body = {"model": "kard_bm25", "messages": [{"role": "user", "content": "What is the export of Brax?\nA. salt\nB. tin"}],
+            **kw}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_chat_completion_is_a_standard_chat_completion_with_the_kard_extension(client):
+    r = _chat(client, temperature=0.2, max_tokens=64, user="u1")  # sampling params accepted, ignored
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-") and body["model"] == "kard_bm25"
+    (choice,) = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "r\nAnswer: A"} and choice["finish_reason"] == "stop"
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
+    k = body["kard"]
+    assert (k["question"], k["options"], k["answer_letter"], k["answer_text"]) == \
+        ("What is the export of Brax?", ["salt", "tin"], "A", "salt")
+    req = client.service.seen[-1]
+    assert (req.question, req.options) == ("What is the export of Brax?", ["salt", "tin"])
+    models = client.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["kard_bm25"]
+    assert client.get("/v1/models/kard_bm25").json()["id"] == "kard_bm25"
+
+
+def test_chat_streaming_sends_openai_chunks_then_done(client):
+    import json
+
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "kard_bm25", "stream": True, "stream_options": {"include_usage": True},
+            "messages": [{"role": "user", "content": "Brax?\nA. salt\nB. tin"}]}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = [l for l in r.iter_lines() if l]
+    assert all(l.startswith("data: ") for l in lines) and lines[-1] == "data: [DONE]"
+    chunks = [json.loads(l[6:]) for l in lines[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "r\nAnswer: A"
+    final = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(final) == 1 and final[0]["kard"]["answer_letter"] == "A"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 10
+
+
+def test_chat_errors_use_the_openai_error_envelope(client):
+    def err(r, status, code, param=None):
+        assert r.status_code == status, r.text
+        e = r.json()["error"]
+        assert e["code"] == code and e["message"] and e["type"], e
+        if param is not None:
+            assert e["param"] == param, e
+        return r
+
+    err(_chat(client, model="gpt-4o"), 404, "model_not_found", "model")
+    err(_chat(client, messages=[{"role": "user", "content": "no options"}]), 400, "invalid_request", "messages[0].content")
+    err(_chat(client, messages=[]), 400, "invalid_request", "messages")
+    err(_chat(client, n=2), 400, "invalid_request", "n")
+    err(_chat(client, temprature=1), 400, "invalid_request", "temprature")  # a typo is not silently ignored
+    err(_chat(client, options=["a", " "]), 400, "invalid_request", "options[1]")
+    client.service.mode = "overloaded"
+    r = err(_chat(client), 503, "overloaded")
+    assert r.headers["retry-after"] == "2"
+
+
+def test_rerank_cohere_shape(client):
+    r = client.post("/v1/rerank", json={"query": "salt export Brax", "top_n": 2, "return_documents": True,
+                                        "documents": ["tin mines", {"text": "Brax exports salt"}, "salt flats"]})
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["index"] for x in res] == [1, 2] and res[0]["relevance_score"] == 2.0
+    assert res[0]["document"] == {"text": "Brax exports salt"}
+    full = client.post("/v1/rerank", json={"query": "salt", "documents": ["a", "salt", "b"]}).json()["results"]
+    assert [x["index"] for x in full] == [1, 0, 2] and "document" not in full[0]  # ties keep document order
+    _assert_error(client.post("/v1/rerank", json={"query": "q", "documents": []}), 422, "invalid_request", "documents")
+    _assert_error(client.post("/v1/rerank", json={"query": "q", "documents": ["a", " "]}), 422, "invalid_request",
+                  "documents[1]")
+    _assert_error(client.post("/v1/rerank", json={"query": "q", "documents": ["a"], "top_n": 0}), 422,
+                  "invalid_request", "top_n")
+
+
+def test_drain_gate_counts_in_flight_refuses_new_requests_and_metrics_count_routes():
+    import asyncio
+
+    import httpx
+
+    from kard_ray.serve.http import Gate, build_api
+
+    class Recorder:
+        def __init__(self):
+            self.seen = []
+
+        def observe(self, route, status, seconds):
+            self.seen.append((route, status))
+
+    service, metrics, gate = _Service(), Recorder(), Gate(retry_after_s=1.5)
+    service.mode = "slow"  # 0.3 s per answer
+    app = build_api(service, Limits(), gate=gate, metrics=metrics)
+
+    async def drain_midway():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            running = [asyncio.create_task(c.post("/v1/answer", json=GOOD, headers={"x-request-id": f"r{i}"}))
+                       for i in range(3)]
+            await asyncio.sleep(0.1)
+            in_flight = gate.in_flight
+            gate.draining = True  # what Ingress.drain() does on SIGTERM
+            late = await c.post("/v1/answer", json=GOOD, headers={"x-request-id": "late"})
+            ready, health = await c.get("/readyz"), await c.get("/healthz")
+            return in_flight, await asyncio.gather(*running), late, ready, health
+
+    in_flight, done, late, ready, health = asyncio.run(drain_midway())
+    assert in_flight == 3 and gate.in_flight == 0
+    assert [r.status_code for r in done] == [200, 200, 200]  # the requests in progress finish
+    assert late.status_code == 503 and late.headers["retry-after"] == "2"  # rounded up, never earlier
+    assert late.json()["error"] == "draining" and late.json()["request_id"] == "late"
+    assert ready.status_code == 503 and health.status_code == 200
+    assert sorted(metrics.seen) == sorted([("/v1/answer", 200)] * 3 + [("/v1/answer", 503), ("/readyz", 503),
+                                                                     ("/healthz", 200)])
+
+
+def test_proxy_turns_serves_plain_text_refusals_into_json():
+    """kard_ray.serve.proxy.JsonRejections around an ASGI app that refuses like Serve's proxy does."""
+    import asyncio
+
+    import httpx
+
+    from kard_ray.serve.proxy import JsonRejections, middlewares
+
+    async def serve_like(scope, receive, send):
+        if scope["path"].endswith("/ok"):
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"fine"})
+            return
+        await send({"type": "http.response.start", "status": 503,
+                    "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", b"35"),
+                                (b"retry-after", b"1"), (b"x-request-id", b"abc")]})
+        await send({"type": "http.response.body", "body": b"Request dropped due to backpressure"})
+
+    async def calls():
+        app = JsonRejections(serve_like)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return (await c.post("/v1/answer"), await c.post("/v1/chat/completions"), await c.get("/ok"))
+
+    native, chat, ok = asyncio.run(calls())
+    assert native.status_code == 503 and native.headers["retry-after"] == "1" and native.headers["x-request-id"] == "abc"
+    assert native.json()["error"] == "overloaded" and native.json()["request_id"] == "abc"
+    assert "retry after 1 s" in native.json()["message"]
+    assert chat.status_code == 503 and chat.json()["error"]["code"] == "overloaded"  # OpenAI's envelope
+    assert (ok.status_code, ok.text) == (200, "fine")
+    assert [m.cls for m in middlewares()] == [JsonRejections]

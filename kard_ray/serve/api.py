@@ -17,8 +17,6 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator
 
-METHODS = ("kard_bm25", "kard_reranker")
-
 
 @dataclass(frozen=True)
 class Limits:
@@ -137,14 +135,18 @@ class RetrieveResponse(BaseModel):
 
 class ErrorBody(BaseModel):
     error: str = Field(..., description="Machine-readable kind: invalid_request, body_too_large, timeout, not_found, "
-                                        "unavailable, internal_error, ...")
+                                        "overloaded (503 + Retry-After), draining, unavailable, internal_error, ...")
     message: str
     field: Optional[str] = Field(None, description="The request field at fault, e.g. `options` or `options[2]`.")
     details: list[dict] = Field(default_factory=list, description="Every validation problem: {field, message}.")
+    request_id: Optional[str] = Field(None, description="This request's id (also the X-Request-ID header): quote it "
+                                                        "to find the request in the replica logs.")
 
 
-def error_body(error: str, message: str, field: Optional[str] = None, details: Optional[list[dict]] = None) -> dict:
-    return ErrorBody(error=error, message=message, field=field, details=details or []).model_dump()
+def error_body(error: str, message: str, field: Optional[str] = None, details: Optional[list[dict]] = None,
+               request_id: Optional[str] = None) -> dict:
+    return ErrorBody(error=error, message=message, field=field, details=details or [],
+                     request_id=request_id).model_dump()
 
 
 def field_path(loc: tuple | list) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from typing import Any, Optional
@@ -24,11 +25,12 @@ from typing import Any, Optional
 from kard_ray import io
 from kard_ray.config import (AutoscalingConfig, ConfigError, KardConfig, config_from_dict, load_config,
                              resolve_local_paths)
+from kard_ray.methods import METHODS, SERVABLE
 from kard_ray.serve.api import Limits
 
 APP_NAME = "kard"
 DEPLOYMENTS = ("Retriever", "Reranker", "Generator", "Ingress")
-STUDENT = "student_kard"
+STUDENT = METHODS["kard_bm25"].student  # both served methods use the KARD student
 RERANKER = "reranker"
 
 
@@ -62,13 +64,41 @@ def served_method(run_dir: str) -> str:
     return "kard_reranker" if io.exists(run.model(RERANKER)) else "kard_bm25"
 
 
-def _options(cfg: KardConfig, scale: AutoscalingConfig, *, num_gpus: float = 0.0, min_ongoing: int = 5) -> dict:
-    """Deployment options for one deployment from its `serve.<name>` section."""
+# The Ingress's bounds when the config leaves them null: the graph's capacity on the demo's 2 cores
+# (12 in progress + 4 waiting at the proxy kept throughput at its peak under 128 clients; bench/RESULTS.md).
+INGRESS_MAX_ONGOING, INGRESS_MAX_QUEUED = 12, 4
+
+
+def max_ongoing(scale: AutoscalingConfig, min_ongoing: int = 5) -> int:
+    """A replica's max_ongoing_requests: the configured one, else headroom above the autoscaling target."""
+    if scale.max_ongoing_requests is not None:
+        return scale.max_ongoing_requests
+    return max(min_ongoing, math.ceil(2 * scale.target_ongoing_requests))
+
+
+def _options(cfg: KardConfig, scale: AutoscalingConfig, *, num_gpus: float = 0.0, min_ongoing: int = 5,
+             ongoing: Optional[int] = None, queued: Optional[int] = None) -> dict:
+    """Deployment options for one deployment from its `serve.<name>` section (`ongoing`/`queued`: the
+    deployment's own defaults for null bounds)."""
+    from ray.serve.config import BackpressureConfig
+
+    if scale.max_ongoing_requests is not None or ongoing is None:
+        ongoing = max_ongoing(scale, min_ongoing)
+    if scale.max_queued_requests is not None:
+        queued = scale.max_queued_requests
+    elif queued is None:
+        queued = ongoing
     return {
         "autoscaling_config": {"min_replicas": scale.min_replicas, "max_replicas": scale.max_replicas,
-                               "target_ongoing_requests": scale.target_ongoing_requests},
-        # Headroom above the autoscaling target, so a replica queues a little instead of refusing.
-        "max_ongoing_requests": max(min_ongoing, math.ceil(2 * scale.target_ongoing_requests)),
+                               "target_ongoing_requests": scale.target_ongoing_requests,
+                               "upscale_delay_s": scale.upscale_delay_s, "downscale_delay_s": scale.downscale_delay_s,
+                               "metrics_interval_s": scale.metrics_interval_s,
+                               "look_back_period_s": scale.look_back_period_s},
+        "max_ongoing_requests": ongoing,
+        # Bounded queues: past them a caller gets BackPressureError (the Ingress answers 503 JSON) or, at the
+        # proxy, Serve's 503 (JSON through kard_ray.serve.proxy) - both with Retry-After - instead of waiting.
+        "max_queued_requests": queued,
+        "backpressure_config": BackpressureConfig(status_code=503, retry_after_s=cfg.serve.retry_after_s),
         "ray_actor_options": {"num_cpus": cfg.serve.num_cpus_per_replica, "num_gpus": num_gpus},
         # Let in-flight requests finish on shutdown / downscale (graceful): one full request budget.
         "graceful_shutdown_timeout_s": cfg.serve.request_timeout_s + 5.0,
@@ -87,9 +117,11 @@ def deployment_options(cfg: KardConfig, method: str) -> dict[str, dict]:
         # Room for two full batches per replica, so the next batch fills while one runs.
         "Generator": _options(cfg, s.generator, num_gpus=s.generator_num_gpus, min_ongoing=2 * s.max_batch_size),
         # The Ingress only awaits the others: many requests in flight per replica cost it little.
-        "Ingress": _options(cfg, s.ingress, min_ongoing=64),
+        # The Ingress's bound is the service's capacity: the requests the graph works on at once
+        # (max_ongoing_requests per replica) plus the few waiting at the proxy (max_queued_requests).
+        "Ingress": _options(cfg, s.ingress, ongoing=INGRESS_MAX_ONGOING, queued=INGRESS_MAX_QUEUED),
     }
-    if method != "kard_reranker":
+    if not METHODS[method].rerank:
         # Bound (so one Serve config fits every run) but never called: no replica unless a config asks for one.
         out["Reranker"]["autoscaling_config"].update(min_replicas=0, max_replicas=1)
     return out
@@ -102,15 +134,16 @@ def app_from_config(cfg: KardConfig, run_dir: Optional[str] = None, method: Opti
     run = io.RunDir(str(run_dir or cfg.run_dir))
     found = served_method(run.root)
     method = method or found
-    if method not in ("kard_bm25", "kard_reranker"):
-        raise ConfigError(f"method: {method!r} cannot be served; choose kard_bm25 or kard_reranker")
+    if method not in SERVABLE:
+        raise ConfigError(f"method: {method!r} cannot be served; choose one of {', '.join(SERVABLE)}")
     if method == "kard_reranker" and found != "kard_reranker":
         raise FileNotFoundError(f"method=kard_reranker but {run.model(RERANKER)} does not exist")
     opts = deployment_options(cfg, method)
     retriever = Retriever.options(**opts["Retriever"]).bind(run.root, cfg)
-    reranker = Reranker.options(**opts["Reranker"]).bind(run.model(RERANKER) if method == "kard_reranker" else None, cfg)
-    generator = Generator.options(**opts["Generator"]).bind(run.model(STUDENT), cfg)
-    settings = {"method": method, "k": cfg.eval.k, "k_star": cfg.reranker.k_star, "limits": Limits.from_config(cfg.serve)}
+    reranker = Reranker.options(**opts["Reranker"]).bind(run.model(RERANKER) if METHODS[method].rerank else None, cfg)
+    generator = Generator.options(**opts["Generator"]).bind(run.model(METHODS[method].student), cfg)
+    settings = {"method": method, "k": cfg.eval.k, "k_star": cfg.reranker.k_star, "limits": Limits.from_config(cfg.serve),
+                "retry_after_s": cfg.serve.retry_after_s}
     return Ingress.options(**opts["Ingress"]).bind(retriever, reranker, generator, settings)
 
 
@@ -160,29 +193,91 @@ def _raise_stop(signum, frame):
     raise _Stop()
 
 
+def drain(timeout_s: float, name: str = APP_NAME, poll_s: float = 0.2) -> tuple[int, dict[str, int]]:
+    """Stop admitting model requests on every Ingress replica and wait until none is in progress.
+
+    Serve's shutdown stops the HTTP proxies as it stops the replicas, which would cut the
+    connections of requests still running; so first every Ingress replica refuses new requests
+    (503 draining + Retry-After, /readyz 503, so a load balancer moves away) and the requests it
+    holds finish. Returns (requests in flight when the drain began, the last in-flight count per
+    replica: all 0 unless the timeout hit).
+    """
+    from ray import serve
+
+    handle = serve.get_deployment_handle("Ingress", app_name=name)
+    deadline = time.monotonic() + timeout_s
+    seen: dict[str, int] = {}
+    first: Optional[int] = None
+    while True:
+        status = serve.status().applications.get(name)
+        replicas = 0
+        if status is not None and "Ingress" in status.deployments:
+            replicas = sum(status.deployments["Ingress"].replica_states.values())
+        # A call reaches one replica (Serve routes it); a few per replica reach them all.
+        for _ in range(max(1, 2 * replicas)):
+            try:
+                rid, n = handle.drain.remote().result(timeout_s=max(0.5, deadline - time.monotonic()))
+                seen[rid] = n
+            except Exception as e:  # an Ingress that is gone has nothing in flight
+                print(f"[serve] drain: {e!r}", flush=True)
+                return first or 0, seen
+        if first is None:
+            first = sum(seen.values())
+        if (len(seen) >= replicas and not any(seen.values())) or time.monotonic() > deadline:
+            return first, seen
+        time.sleep(poll_s)
+
+
 def serve_run_dir(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> None:
-    """`kard-ray serve <run_dir>`: serve the run until Ctrl-C or SIGTERM, then shut down gracefully
-    (replicas finish their in-flight requests, up to graceful_shutdown_timeout_s)."""
+    """`kard-ray serve <run_dir>`: serve the run until Ctrl-C or SIGTERM, then shut down gracefully:
+    new requests are refused (503 + Retry-After) while the in-flight ones finish (`drain`, at most
+    serve.drain_timeout_s), then Serve shuts down."""
     from ray import serve
 
     from kard_ray.runtime import init_ray
 
+    from kard_ray.serve import proxy
+
     cfg = load_run_config(run_dir, list(overrides))
     method = served_method(cfg.run_dir)
+    # Before Ray starts, so the HTTP proxy it spawns answers overload refusals in JSON (a Ray cluster
+    # joined here keeps the environment its nodes were started with).
+    os.environ.setdefault(proxy.CALLBACK_ENV, proxy.CALLBACK)
     init_ray(cfg)
     # After ray.init (which installs its own SIGTERM handler) and before deploying, so a SIGTERM at
     # any point from here on - even mid-deploy - ends in serve.shutdown(), like Ctrl-C.
     previous = signal.signal(signal.SIGTERM, _raise_stop)
+    deployed = False
     try:
         start(cfg, cfg.run_dir, method=method)
+        deployed = True
         base = f"http://{cfg.serve.host}:{cfg.serve.port}{cfg.serve.route_prefix.rstrip('/')}"
-        print(f"[serve] {cfg.run_dir} ({method}) at {base}/v1/answer - docs {base}/docs - Ctrl-C to stop", flush=True)
+        print(f"[serve] {cfg.run_dir} ({method}) at {base}/v1/answer (also /v1/chat/completions, /v1/rerank) - "
+              f"docs {base}/docs - metrics {_metrics_url()} - Ctrl-C to stop", flush=True)
         while True:  # until Ctrl-C or SIGTERM interrupts the sleep
             time.sleep(3600)
     except (KeyboardInterrupt, _Stop):
         pass
     finally:
         signal.signal(signal.SIGTERM, previous)
-        print("[serve] shutting down (in-flight requests finish first)", flush=True)
+        if deployed:
+            t0 = time.monotonic()
+            print("[serve] draining: new requests get 503, in-flight requests finish", flush=True)
+            first, left = drain(cfg.serve.drain_timeout_s)
+            print(f"[serve] drained {first} in-flight requests in {time.monotonic() - t0:.1f}s "
+                  f"(left per Ingress replica: {left})", flush=True)
+        print("[serve] shutting down", flush=True)
         serve.shutdown()
         print("[serve] stopped", flush=True)
+
+
+def _metrics_url() -> str:
+    """Where this node's Prometheus metrics (Serve's and the Ingress's kard_* ones) are scraped."""
+    import ray
+
+    try:
+        me = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == me)
+        return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+    except Exception:  # pragma: no cover - informational only
+        return "the Ray node's metrics export port"

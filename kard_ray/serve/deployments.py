@@ -1,7 +1,7 @@
 """The four Serve deployments: Retriever → Reranker → Generator, orchestrated by the HTTP Ingress.
 
 Each model deployment wraps the *same* object offline evaluation uses (`knowledge.Retriever`,
-`training.reranker.Reranker`, `evaluation.StudentGenerator`), loaded once per replica; so, with
+`inference.reranker.Reranker`, `inference.generator.StudentGenerator`), loaded once per replica; so, with
 greedy decoding, a served answer equals the evaluation stage's prediction for the same question.
 
 Blocking model work runs in a worker thread (`asyncio.to_thread`) so a replica's event loop keeps
@@ -21,11 +21,13 @@ from typing import Any, Optional
 
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from kard_ray.config import KardConfig
+from kard_ray.inference.formats import question_query, top_k
+from kard_ray.methods import METHODS
 from kard_ray.serve.api import Limits, answer_fields, split_rationale
-from kard_ray.serve.http import RequestTimeout, ServiceError, build_api
+from kard_ray.serve.http import Gate, Overloaded, RequestTimeout, ServiceError, build_api, request_id
 
 log = logging.getLogger("kard_ray.serve")
 
@@ -48,11 +50,26 @@ def _passage_text(p: dict) -> str:
     return format_passage(p.get("title"), p["text"])
 
 
-def top_k(scores, k: int) -> list[int]:
-    """Indices of the k highest scores, best first; ties keep BM25 order (a stable sort)."""
-    import numpy as np
+class RouteMetrics:
+    """Per-route Prometheus metrics of an Ingress replica, through `ray.serve.metrics` (Ray exports them on
+    each node's metrics port, tagged with the application, deployment and replica, beside Serve's own
+    `ray_serve_*` metrics): requests by route and status code, and a latency histogram."""
 
-    return [int(i) for i in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:k]]
+    BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000]
+
+    def __init__(self):
+        from ray.serve import metrics
+
+        self.requests = metrics.Counter("kard_http_requests", description="HTTP requests the KARD Ingress answered.",
+                                        tag_keys=("route", "status"))
+        self.latency = metrics.Histogram("kard_http_request_latency_ms",
+                                         description="Time from the request entering the Ingress to its last byte.",
+                                         boundaries=self.BOUNDARIES_MS, tag_keys=("route", "status"))
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        tags = {"route": route, "status": str(status)}
+        self.requests.inc(tags=tags)
+        self.latency.observe(1000.0 * seconds, tags=tags)
 
 
 @serve.deployment(name="Retriever")
@@ -94,7 +111,7 @@ class Reranker:
         self.reranker = None
         self.lock = threading.Lock()  # held by the worker thread, even when its request was cancelled
         if model_dir is not None:
-            from kard_ray.training.reranker import Reranker as TrainedReranker
+            from kard_ray.inference.reranker import Reranker as TrainedReranker
 
             self.reranker = TrainedReranker.from_dir(model_dir, max_length=cfg.reranker.max_length, device=_device())
 
@@ -105,6 +122,13 @@ class Reranker:
         scores = await asyncio.to_thread(_locked, self.lock, self.reranker.rerank, query,
                                          [_passage_text(p) for p in candidates])
         return [{**candidates[i], "score": float(scores[i])} for i in top_k(scores, k)]
+
+    async def score(self, query: str, texts: list[str]) -> list[float]:
+        """Reranker scores of `texts` for `query` (POST /v1/rerank), in the given order."""
+        if self.reranker is None:
+            raise RuntimeError("this application serves a run without a reranker")
+        scores = await asyncio.to_thread(_locked, self.lock, self.reranker.rerank, query, list(texts))
+        return [float(x) for x in scores]
 
     async def info(self) -> dict:
         return {"reranker": self.model_dir is not None}
@@ -119,7 +143,7 @@ class Generator:
     """The student, with dynamic batching: concurrent requests share one `generate()` call."""
 
     def __init__(self, model_dir: str, cfg: KardConfig):
-        from kard_ray.evaluation import StudentGenerator
+        from kard_ray.inference.generator import StudentGenerator
 
         t0 = time.time()
         e = cfg.eval
@@ -136,16 +160,82 @@ class Generator:
         self.batched_requests = 0
         log.info("Generator: student %s loaded in %.1fs", model_dir, time.time() - t0)
 
+    def _usage(self, question: str, options: list[str], passages: list[str], generation: str) -> dict:
+        """OpenAI-style token counts of one prediction (call with the lock held: the tokenizer is shared)."""
+        from kard_ray.inference.formats import encode_sources
+
+        source = self.student.source(question, options, passages)
+        prompt = len(encode_sources(self.student.tokenizer, [source], self.student.max_source_length)[0])
+        completion = len(self.student.tokenizer(generation, add_special_tokens=True)["input_ids"])
+        return {"prompt_tokens": prompt, "completion_tokens": completion,
+                "finish_reason": "length" if completion >= self.student.max_new_tokens else "stop"}
+
+    def _predict_items(self, items: list[tuple]) -> list[dict]:
+        """(question, options, passages, usage?) items -> {generation, pred_index[, usage]} (lock held)."""
+        preds = self.student.predict([it[0] for it in items], [list(it[1]) for it in items],
+                                     [list(it[2]) for it in items])
+        out = []
+        for it, p in zip(items, preds):
+            row = {"generation": p.generation, "pred_index": int(p.pred_index)}
+            if len(it) > 3 and it[3]:
+                row["usage"] = self._usage(it[0], list(it[1]), list(it[2]), p.generation)
+            out.append(row)
+        return out
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def predict(self, items: list[tuple[str, list[str], list[str]]]) -> list[dict]:
-        """items: (question, options, passage strings) -> {generation, pred_index}, one per item."""
-        questions = [q for q, _, _ in items]
-        options = [list(o) for _, o, _ in items]
-        passages = [list(p) for _, _, p in items]
-        preds = await asyncio.to_thread(_locked, self.lock, self.student.predict, questions, options, passages)
+    async def predict(self, items: list[tuple]) -> list[dict]:
+        """items: (question, options, passage strings[, usage]) -> {generation, pred_index[, usage]}, one per item."""
+        out = await asyncio.to_thread(_locked, self.lock, self._predict_items, items)
         self.batches += 1
         self.batched_requests += len(items)
-        return [{"generation": p.generation, "pred_index": int(p.pred_index)} for p in preds]
+        return out
+
+    def _predict_streaming(self, item: tuple, streamer) -> dict:
+        """One prediction through `StudentGenerator.predict` with `streamer` handed to `model.generate`.
+
+        The same call as the batch path (same formatting, truncation, decoding and answer reading), so
+        the streamed generation is the one /v1/answer returns; only the model's `generate` gets the
+        streamer, for the duration of this call (the lock is held: no other call sees it).
+        """
+        model = self.student.model
+        plain = model.generate
+        model.generate = lambda *a, **kw: plain(*a, **kw, streamer=streamer)
+        try:
+            return self._predict_items([item])[0]
+        finally:
+            del model.generate  # the class's method again
+
+    async def stream(self, question: str, options: list[str], passages: list[str]):
+        """{"text": piece}... as the student writes, then {"answer": {generation, pred_index, usage}}."""
+        item = (question, list(options), list(passages), True)
+        if self.student.n_votes > 1:  # the answer is a vote over several samples: nothing to stream token by token
+            row = (await asyncio.to_thread(_locked, self.lock, self._predict_items, [item]))[0]
+            yield {"text": row["generation"]}
+            yield {"answer": row}
+            return
+        from transformers import AsyncTextIteratorStreamer
+
+        streamer = AsyncTextIteratorStreamer(self.student.tokenizer, skip_special_tokens=True)
+        done = asyncio.ensure_future(asyncio.to_thread(_locked, self.lock, self._predict_streaming, item, streamer))
+        pieces = streamer.__aiter__()
+        try:
+            while True:
+                nxt = asyncio.ensure_future(pieces.__anext__())
+                if not done.done():
+                    await asyncio.wait({nxt, done}, return_when=asyncio.FIRST_COMPLETED)
+                if done.done() and done.exception() is not None:
+                    nxt.cancel()
+                    raise done.exception()
+                try:
+                    piece = await nxt
+                except StopAsyncIteration:
+                    break
+                if piece:
+                    yield {"text": piece}
+            yield {"answer": await done}
+        finally:
+            self.batches += 1
+            self.batched_requests += 1
 
     async def info(self) -> dict:
         return {"student": self.model_dir, "batches": self.batches,
@@ -172,10 +262,19 @@ class Ingress:
         self.default_k: int = settings["k"]
         self.default_candidates: int = settings["k_star"]
         self.limits: Limits = settings["limits"]
+        self.retry_after_s: float = settings.get("retry_after_s", 1.0)
+        self.gate = Gate(self.retry_after_s)
+        self.metrics = RouteMetrics()
 
     def __serve_build_asgi_app__(self):
         # Built at replica start, so the request models carry this run's configured limits.
-        return build_api(self, self.limits)
+        return build_api(self, self.limits, gate=self.gate, metrics=self.metrics)
+
+    async def drain(self) -> tuple[str, int]:
+        """From now on refuse new model requests (503 draining; /readyz 503).
+        Returns (this replica's id, the model requests it still has in progress)."""
+        self.gate.draining = True
+        return serve.get_replica_context().replica_id.unique_id, self.gate.in_flight
 
     # -- calling the model deployments ----------------------------------------------------------
     async def _call(self, response, deadline: float, stage: str) -> Any:
@@ -185,23 +284,27 @@ class Ingress:
                 raise asyncio.TimeoutError
             return await asyncio.wait_for(response, remaining)
         except asyncio.TimeoutError:
-            response.cancel()  # free the downstream replica; nobody will read this result
+            if hasattr(response, "cancel"):
+                response.cancel()  # free the downstream replica; nobody will read this result
             raise RequestTimeout(self.limits.request_timeout_s, stage) from None
+        except BackPressureError:
+            # The deployment's bounded queue is full: refuse now rather than wait (503 + Retry-After).
+            raise Overloaded(f"the {stage} step is over capacity; retry after {self.retry_after_s:g} s",
+                             self.retry_after_s) from None
         except (RayActorError, DeploymentUnavailableError) as e:
             # A replica died mid-request or none is left: the client may retry; it is not a bug.
-            log.warning("%s unavailable: %r", stage, e)
+            log.warning("request %s: %s unavailable: %r", request_id(), stage, e)
             raise ServiceError(503, "unavailable", f"the {stage} step is unavailable; retry later") from None
 
     async def _passages(self, question: str, options: list[str], k: Optional[int], candidates: Optional[int],
                         deadline: float, timings: dict) -> tuple[str, list[dict]]:
-        """The passages the student gets, exactly as offline evaluation picks them (evaluate.py)."""
-        from kard_ray.evaluation.evaluate import question_query
-
+        """The passages the student gets: the method table's recipe, as offline evaluation runs it
+        (`kard_ray.inference.passages.passages_for`), one deployment call per step."""
         query = question_query(question, options)
         k = k or self.default_k
         t0 = time.monotonic()
-        if self.method == "kard_reranker":
-            n = candidates or self.default_candidates
+        if METHODS[self.method].rerank:
+            n = candidates or METHODS[self.method].retrieve_depth(k, self.default_candidates)
             found = await self._call(self.retriever.search.remote(query, n), deadline, "retrieve")
             timings["retrieve"] = 1000 * (time.monotonic() - t0)
             t1 = time.monotonic()
@@ -213,16 +316,8 @@ class Ingress:
         return query, passages
 
     # -- the service interface of http.build_api ------------------------------------------------
-    async def answer(self, req) -> dict:
-        deadline = time.monotonic() + self.limits.request_timeout_s
-        timings: dict = {"rerank": None, "generate": None}
-        _, passages = await self._passages(req.question, req.options, req.k, req.candidates, deadline, timings)
-        t0 = time.monotonic()
-        pred = await self._call(
-            self.generator.predict.remote((req.question, list(req.options), [_passage_text(p) for p in passages])),
-            deadline, "generate")
-        timings["generate"] = 1000 * (time.monotonic() - t0)
-        return {
+    def _answer_body(self, req, pred: dict, passages: list[dict], timings: dict) -> dict:
+        body = {
             **answer_fields(pred["pred_index"], list(req.options)),
             "rationale": split_rationale(pred["generation"]),
             "generation": pred["generation"],
@@ -230,6 +325,52 @@ class Ingress:
             "passages": passages if req.return_passages else [],
             "timings_ms": {k: (None if v is None else round(v, 3)) for k, v in timings.items()},
         }
+        if "usage" in pred:
+            body["usage"] = pred["usage"]
+        return body
+
+    async def answer(self, req, usage: bool = False) -> dict:
+        """An AnswerResponse body; `usage` adds token counts (the chat completion's `usage`)."""
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        timings: dict = {"rerank": None, "generate": None}
+        _, passages = await self._passages(req.question, req.options, req.k, req.candidates, deadline, timings)
+        t0 = time.monotonic()
+        item = (req.question, list(req.options), [_passage_text(p) for p in passages]) + ((True,) if usage else ())
+        pred = await self._call(self.generator.predict.remote(item), deadline, "generate")
+        timings["generate"] = 1000 * (time.monotonic() - t0)
+        body = self._answer_body(req, pred, passages, timings)
+        return body
+
+    async def answer_stream(self, req):
+        """Events of one answer as the student writes it: {"passages"}, then {"text"} pieces, then
+        {"answer": the AnswerResponse body (with usage)}; a streaming call to the Generator."""
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        timings: dict = {"rerank": None, "generate": None}
+        _, passages = await self._passages(req.question, req.options, req.k, req.candidates, deadline, timings)
+        yield {"passages": passages}
+        t0 = time.monotonic()
+        gen = self.generator.options(stream=True).stream.remote(
+            req.question, list(req.options), [_passage_text(p) for p in passages])
+        while True:
+            try:
+                ev = await self._call(gen.__anext__(), deadline, "generate")
+            except StopAsyncIteration:
+                break
+            except RequestTimeout:
+                gen.cancel()
+                raise
+            if "answer" in ev:
+                timings["generate"] = 1000 * (time.monotonic() - t0)
+                yield {"answer": self._answer_body(req, ev["answer"], passages, timings)}
+            else:
+                yield ev
+
+    async def rerank(self, query: str, texts: list[str]) -> list[float]:
+        """POST /v1/rerank: the distilled reranker's scores; 404 when the run has none."""
+        if not METHODS[self.method].rerank:
+            raise ServiceError(404, "not_found", f"this service ({self.method}) has no reranker")
+        deadline = time.monotonic() + self.limits.request_timeout_s
+        return await self._call(self.reranker.score.remote(query, list(texts)), deadline, "rerank")
 
     async def retrieve(self, req) -> dict:
         deadline = time.monotonic() + self.limits.request_timeout_s
@@ -243,7 +384,7 @@ class Ingress:
         deadline = time.monotonic() + min(self.limits.request_timeout_s, 10.0)
         out = {"method": self.method}
         deps = [("retriever", self.retriever), ("generator", self.generator)]
-        if self.method == "kard_reranker":
+        if METHODS[self.method].rerank:
             deps.insert(1, ("reranker", self.reranker))
         for name, handle in deps:
             try:
