@@ -134,9 +134,13 @@ class DenseConfig:
     hnsw_m: int = _f(32, "HNSW neighbours per node.")
     nprobe: int = _f(16, "IVF lists probed per query.")
     use_gpu_index: bool = _f(False, "Move the faiss index to GPU when faiss-gpu and a GPU are present.")
+    embed_block_rows: int = _f(4096, "Passages per embedding block: the unit of resume (a finished block of a killed run is never embedded again).")
+    resume_embedding: bool = _f(True, "build_indexes: keep the finished blocks of an earlier (killed) embedding run and embed only the rest.")
+    embed_journal: bool = _f(True, "Write `<embeddings>/_journal/<block>.ids` per embedded block (audit: which run embedded what).")
+    recall_queries: int = _f(200, "Compressed indexes (ivfpq, hnsw): sampled passage vectors used as queries to report recall@10 vs exact search at build time (0: skip).")
 
     def __post_init__(self):
-        for k in ("max_length", "batch_size", "num_actors", "nlist", "pq_m", "hnsw_m", "nprobe"):
+        for k in ("max_length", "batch_size", "num_actors", "nlist", "pq_m", "hnsw_m", "nprobe", "embed_block_rows"):
             _check(getattr(self, k) >= 1, f"knowledge.dense.{k}", "must be >= 1")
         _check(self.num_cpus_per_actor >= 0 and self.num_gpus_per_actor >= 0, "knowledge.dense.num_*_per_actor", "must be >= 0")
 
@@ -333,6 +337,7 @@ class TrainingConfig:
     keep_checkpoints: int = _f(2, "Keep the last K checkpoints.")
     max_failures: int = _f(1, "Worker-group restarts before the run fails; each resumes from the last checkpoint.")
     log_every_steps: int = _f(10, "Progress line and metrics every N steps.")
+    shuffle_buffer_rows: int = _f(100_000, "Rows each worker reshuffles every epoch (seeded by seed and epoch); at least the rows a worker holds gives every epoch a fresh full order of its share.")
 
     def _check_training(self, section: str) -> None:
         _check(0 <= self.zero_stage <= 3, f"{section}.zero_stage", "must be in [0, 3]")

@@ -39,7 +39,7 @@ def build_indexes(run: io.RunDir, cfg: KnowledgeConfig) -> dict:
     if cfg.retriever in ("dense", "hybrid"):
         from kard_ray.knowledge.dense import build_faiss_from_parquet, embed_passages
 
-        stats = embed_passages(run.passages, run.embeddings, cfg.dense)
+        stats = embed_passages(run.passages, run.embeddings, cfg.dense, resume=cfg.dense.resume_embedding)
         gpus = 1 if cfg.dense.use_gpu_index else 0
         task = ray.remote(num_cpus=1, num_gpus=gpus)(build_faiss_from_parquet)
         stats.update(ray.get(task.remote(run.embeddings, run.faiss_index, cfg.dense)))

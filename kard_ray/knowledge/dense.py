@@ -1,6 +1,7 @@
 """Dense retrieval: an HF encoder embeds passages on a Ray Data actor pool; faiss indexes the vectors.
 
-    embed_passages(run, cfg)        passages parquet -> map_batches(EmbedPassages actors) -> embeddings parquet
+    embed_passages(run, cfg)        passages parquet, in blocks -> EmbedBlocks actors -> part-{ids key}.parquet
+                                    (resumable: finished blocks of a killed run are not embedded again)
     build_faiss_from_parquet(...)   embeddings parquet, streamed file by file -> faiss index directory
     DenseIndex.load(path).search(query_vectors, k)
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import tempfile
 import time
 import warnings
@@ -80,39 +82,125 @@ class Encoder:
         return out
 
 
-class EmbedPassages:
-    """Ray Data class UDF: the encoder is loaded once per actor, then every batch reuses it."""
+def block_key(ids: pa.Array | pa.ChunkedArray) -> str:
+    """A block's identity: blake2b of its passage ids. Its embeddings file is `part-{key}.parquet`, so a
+    finished block is recognised by the passages it holds, whatever file layout ingest chose."""
+    import hashlib
 
-    def __init__(self, encoder: str, pooling: str, max_length: int, batch_size: int, num_threads: int):
-        self.encoder = Encoder(encoder, pooling, max_length, num_threads=num_threads)
+    h = hashlib.blake2b(digest_size=12)
+    for pid in ids.to_pylist():
+        h.update(pid.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _write_atomic(table: pa.Table, path: str) -> None:
+    """Write parquet so that readers see the whole file or none (local: tmp + rename; object stores
+    publish an object only when its upload completes)."""
+    import uuid
+
+    import pyarrow.parquet as pq
+
+    fs, p = io.resolve(path)
+    tmp = p if io.is_uri(path) else f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as fh:
+        pq.write_table(table, fh)
+    if tmp != p:
+        fs.move(tmp, p)
+
+
+class EmbedBlocks:
+    """Ray Data class UDF over block descriptors (file, lo, hi): reads the block's passages, skips it when
+    `part-{key}.parquet` already exists (a finished block of an earlier, killed run), else embeds it and
+    publishes that file atomically. The encoder is loaded once per actor, and only when needed."""
+
+    def __init__(self, out_dir: str, encoder: str, pooling: str, max_length: int, batch_size: int,
+                 num_threads: int, journal: bool):
+        self.out_dir, self.journal = out_dir, journal
+        self.args = (encoder, pooling, max_length, num_threads)
         self.batch_size = batch_size
+        self.encoder = None
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = [format_passage(t, x) for t, x in zip(batch.column("title").to_pylist(), batch.column("text").to_pylist())]
+    def _embed(self, table: pa.Table) -> pa.Table:
+        if self.encoder is None:
+            name, pooling, max_length, threads = self.args
+            self.encoder = Encoder(name, pooling, max_length, num_threads=threads)
+        texts = [format_passage(t, x) for t, x in zip(table.column("title").to_pylist(), table.column("text").to_pylist())]
         vecs = self.encoder.encode(texts, self.batch_size)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
-        return pa.table({"id": batch.column("id"), "embedding": emb})
+        return pa.table({"id": table.column("id"), "embedding": emb})
+
+    def __call__(self, batch: dict) -> dict:
+        import uuid
+
+        from kard_ray.knowledge.sharded import read_slices
+
+        keys, rows, done = [], [], []
+        for f, lo, hi in zip(batch["file"], batch["lo"], batch["hi"]):
+            table = read_slices([(str(f), int(lo), int(hi))])
+            key = block_key(table.column("id"))
+            out = io.join(self.out_dir, f"part-{key}.parquet")
+            skipped = io.exists(out)
+            if not skipped:
+                _write_atomic(self._embed(table), out)
+                if self.journal:  # audit: which passages this run embedded (counted by the resume test)
+                    io.write_bytes(io.join(self.out_dir, "_journal", f"{key}-{uuid.uuid4().hex[:8]}.ids"),
+                                   "\n".join(table.column("id").to_pylist()).encode())
+            keys.append(key)
+            rows.append(table.num_rows)
+            done.append(skipped)
+        return {"key": np.array(keys), "rows": np.array(rows), "skipped": np.array(done)}
 
 
-def embed_passages(passages_path: str, embeddings_path: str, cfg: DenseConfig) -> dict:
-    """Embed every passage with an actor pool of `cfg.num_actors` encoders; write parquet (id, embedding)."""
+def plan_embed_blocks(passages_path: str, block_rows: int) -> list[dict]:
+    """Blocks of at most `block_rows` consecutive passages per parquet file, from file metadata only."""
+    import pyarrow.parquet as pq
+
+    blocks = []
+    for f in io.list_files(passages_path, suffixes=(".parquet",)):
+        fs, p = io.resolve(f)
+        with fs.open_input_file(p) as fh:
+            n = pq.ParquetFile(fh).metadata.num_rows
+        blocks += [{"file": f, "lo": lo, "hi": min(n, lo + block_rows)} for lo in range(0, n, block_rows)]
+    return blocks
+
+
+def embed_passages(passages_path: str, embeddings_path: str, cfg: DenseConfig, resume: bool = False) -> dict:
+    """Embed every passage on an actor pool of `cfg.num_actors` encoders -> parquet (id, embedding),
+    one file per block of `cfg.embed_block_rows` passages.
+
+    Resumable: a block whose file exists (keyed by its passage ids) is not embedded again, so a run
+    killed mid-way continues where it stopped (`resume=True`; `build_indexes` passes
+    `knowledge.dense.resume_embedding`); files of blocks no longer in the corpus are removed. `resume=False`
+    (the default: benchmarks time a full embed) starts from scratch. Returns {embed_s, blocks, embedded, skipped_blocks, passages}.
+    """
     import ray
 
     if cfg.encoder is None:
         raise ValueError("knowledge.dense.encoder is not set: name an HF encoder or a local model directory")
     t0 = time.perf_counter()
-    if io.exists(embeddings_path):
+    if io.exists(embeddings_path) and not resume:
         io.remove(embeddings_path)
-    ds = ray.data.read_parquet(passages_path, columns=["id", "title", "text"])
+    io.makedirs(embeddings_path)
+    blocks = plan_embed_blocks(passages_path, cfg.embed_block_rows)
+    if not blocks:
+        raise ValueError(f"{passages_path}: no passages to embed")
+    ds = ray.data.from_items(blocks, override_num_blocks=min(len(blocks), 4 * max(1, cfg.num_actors)))
     ds = ds.map_batches(
-        EmbedPassages, batch_format="pyarrow", batch_size=cfg.batch_size,
+        EmbedBlocks, batch_format="numpy", batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
-        fn_constructor_kwargs={"encoder": cfg.encoder, "pooling": cfg.pooling, "max_length": cfg.max_length,
-                               "batch_size": cfg.batch_size,
-                               "num_threads": max(1, int(cfg.num_cpus_per_actor))})
-    ds.write_parquet(embeddings_path)
-    return {"embed_s": round(time.perf_counter() - t0, 2)}
+        fn_constructor_kwargs={"out_dir": embeddings_path, "encoder": cfg.encoder, "pooling": cfg.pooling,
+                               "max_length": cfg.max_length, "batch_size": cfg.batch_size,
+                               "num_threads": max(1, int(cfg.num_cpus_per_actor)), "journal": cfg.embed_journal})
+    res = ds.to_pandas()  # one small row per block
+    keep = {f"part-{k}.parquet" for k in res["key"]}
+    for f in io.list_files(embeddings_path, suffixes=(".parquet",)):
+        if posixpath.basename(f) not in keep:  # a block of an older corpus
+            io.remove(f)
+    skipped = res["skipped"].astype(bool)
+    return {"embed_s": round(time.perf_counter() - t0, 2), "blocks": len(res), "skipped_blocks": int(skipped.sum()),
+            "embedded": int(res["rows"][~skipped].sum()), "passages": int(res["rows"].sum())}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,9 +278,7 @@ def build_faiss_from_parquet(embeddings_path: str, index_path: str, cfg: DenseCo
         index = faiss.index_cpu_to_all_gpus(index)
     if not index.is_trained:  # IVF-PQ: train on a uniform sample, read batch by batch
         n_train = min(n, 64 * max(256, nlist))  # faiss: 39-256 points per centroid (PQ has 256 per sub-space)
-        rng = np.random.default_rng(0)
-        sample = [vecs[rng.random(len(vecs)) < n_train / n] for _, vecs in _iter_embeddings(embeddings_path)]
-        index.train(np.ascontiguousarray(np.concatenate(sample)))
+        index.train(_sample_vectors(embeddings_path, n, n_train))
     id_chunks = []
     for ids, vecs in _iter_embeddings(embeddings_path):
         index.add(np.ascontiguousarray(vecs))
@@ -200,6 +286,9 @@ def build_faiss_from_parquet(embeddings_path: str, index_path: str, cfg: DenseCo
     if use_gpu:
         index = faiss.index_gpu_to_cpu(index)
     ids = pa.chunked_array(id_chunks, pa.string())
+    recall = None
+    if cfg.index_type != "flat" and cfg.recall_queries > 0:
+        recall = recall_vs_exact(DenseIndex(index, ids, cfg), embeddings_path, _sample_vectors(embeddings_path, n, cfg.recall_queries))
     with tempfile.TemporaryDirectory(prefix="kard_faiss_") as tmp:
         faiss.write_index(index, os.path.join(tmp, INDEX_FILE))
         with pa.OSFile(os.path.join(tmp, IDS_FILE), "wb") as sink, pa.ipc.new_file(sink, pa.schema([("id", pa.string())])) as w:
@@ -210,8 +299,38 @@ def build_faiss_from_parquet(embeddings_path: str, index_path: str, cfg: DenseCo
         size = os.path.getsize(os.path.join(tmp, INDEX_FILE))
         publish_dir(tmp, index_path)
     return {"passages": n, "dim": d, "index_type": cfg.index_type, "faiss_build_s": round(time.perf_counter() - t0, 2),
-            "index_bytes": int(size), "gpu": use_gpu,
+            "index_bytes": int(size), "gpu": use_gpu, "recall_at_10_vs_exact": recall,
             "peak_rss_bytes": int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024}
+
+
+def _sample_vectors(embeddings_path: str, n: int, m: int, seed: int = 0) -> np.ndarray:
+    """About `m` vectors drawn uniformly while streaming the embeddings (never all of them in memory)."""
+    rng = np.random.default_rng(seed)
+    sample = [vecs[rng.random(len(vecs)) < m / n] for _, vecs in _iter_embeddings(embeddings_path)]
+    return np.ascontiguousarray(np.concatenate(sample))
+
+
+def exact_topk(embeddings_path: str, queries: np.ndarray, k: int) -> np.ndarray:
+    """Exact inner-product top-k passage ROWS (embedding stream order) for `queries`, streamed."""
+    best_s = np.full((len(queries), k), -np.inf, dtype=np.float32)
+    best_r = np.full((len(queries), k), -1, dtype=np.int64)
+    offset = 0
+    for _, vecs in _iter_embeddings(embeddings_path):
+        s = queries @ vecs.T
+        r = np.broadcast_to(np.arange(offset, offset + len(vecs)), s.shape)
+        cs, cr = np.concatenate([best_s, s], 1), np.concatenate([best_r, r], 1)
+        top = np.argsort(-cs, axis=1, kind="stable")[:, :k]
+        best_s, best_r = np.take_along_axis(cs, top, 1), np.take_along_axis(cr, top, 1)
+        offset += len(vecs)
+    return best_r
+
+
+def recall_vs_exact(index: "DenseIndex", embeddings_path: str, queries: np.ndarray, k: int = 10) -> float:
+    """recall@k of `index` against exact search: the share of the exact top-k that the index returns."""
+    exact = exact_topk(embeddings_path, queries, k)
+    got, _ = index.search(queries, k)
+    hits = [len(set(e.tolist()) & set(g.tolist())) for e, g in zip(exact, got)]
+    return round(float(np.sum(hits)) / float(exact.size), 4)
 
 
 class DenseIndex:
