@@ -281,3 +281,108 @@ def test_budget_stops_cleanly_and_a_higher_budget_continues(ray_session, server,
     served_now = {text_of[e["question"]] for e in _log_entries(log, mark) if e["status"] == 200 and not e.get("slow")}
     assert served_now == {q["id"] for q in qs} - written_q
     assert done["cost"]["total_usd"] > b["spent_usd"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the OpenAI Batch API (files + batches endpoints of the same server)
+
+
+def _batch_cfg(base_url: str, **batch) -> dict:
+    b = {"max_requests_per_batch": 6, "poll_interval_s": 0.3, "max_followups": 2, "timeout_s": 30.0}
+    b.update(batch)
+    return {**_teacher_cfg(base_url), "backend": "openai_batch", "openai_batch": b}
+
+
+def _batch_events(log: Path, start: int, event: str) -> list[dict]:
+    return [e for e in _log_entries(log, start) if e.get("event") == event]
+
+
+@pytest.mark.timeout(240)
+def test_openai_batch_backend_followups_and_mapping(server, tmp_path, synthetic_task, tiny_t5_dir):
+    """Chunks of whole questions, one batch each; a failed line, an expired batch and a failed batch
+    go into follow-up batches; results are mapped back by custom_id (the server returns them reversed)."""
+    from transformers import AutoTokenizer
+
+    from kard_ray.teacher.backends.openai_batch import custom_id
+    from kard_ray.teacher.prompts import build_messages
+
+    base_url, log = server
+    qs = [dict(q) for q in synthetic_task.train_questions[38:46]]
+    qs[1]["question"] += " BATCHFAIL"  # its lines fail in the first batch (HTTP 500 lines in the error file)
+    qs[4]["question"] += " EXPIRE"  # its batch ends `expired` with these lines unfinished
+    qs[7]["question"] += " BADBATCH"  # its batch ends `failed`
+    run = RunDir(str(tmp_path / "run"))
+    io.write_table(pa.Table.from_pylist(qs, schema=schemas.QUESTIONS), run.questions("train"))
+    cfg = config_from_dict({"run_dir": run.root, "teacher": _batch_cfg(base_url)})
+    start = len(_log_entries(log))
+    stats = generate_rationales(cfg, run)
+
+    table = io.read_table(run.rationales)
+    rows = {(r["question_id"], r["sample"]): r for r in table.to_pylist()}
+    assert table.num_rows == 16 and len(rows) == 16 and table["error"].null_count == 16
+    created = _batch_events(log, start, "batch_created")
+    ids = lambda *k: {custom_id(qs[i]["id"], s) for i in k for s in (0, 1)}  # noqa: E731
+    assert [set(e["custom_ids"]) for e in created[:3]] == [ids(0, 1, 2), ids(3, 4, 5), ids(6, 7)]
+    assert sorted(map(sorted, (e["custom_ids"] for e in created[3:]))) == sorted(
+        map(sorted, (ids(1), ids(4), ids(6, 7))))
+    assert {e["status"] for e in _batch_events(log, start, "batch_done")} == {"completed", "expired", "failed"}
+    assert stats["batches"]["batches_created"] == 6 and stats["batches"]["followups"] == 3
+    assert stats["cost"]["price_factor"] == 0.5
+
+    # mapped by custom_id: every row carries the prompt tokens of its own question's prompt
+    tok = AutoTokenizer.from_pretrained(tiny_t5_dir)
+    expected = {}
+    for q in qs:
+        prompt = "\n\n".join(m["content"] for m in build_messages(q, q["dataset"]))
+        expected[q["id"]] = len(tok(prompt, truncation=True, max_length=256)["input_ids"])
+    assert len(set(expected.values())) > 3
+    assert all(r["prompt_tokens"] == expected[q] for (q, _), r in rows.items())
+
+    # a rerun finds everything written: no batch is created
+    mark = len(_log_entries(log))
+    again = generate_rationales(cfg, run)
+    assert again["this_run"]["rows_written"] == 0 and _batch_events(log, mark, "batch_created") == []
+
+
+@pytest.mark.timeout(300)
+def test_openai_batch_killed_driver_resumes_polling(server, tmp_path, synthetic_task):
+    """SIGKILL the driver once its batches exist; the rerun polls the same batch ids (the server's log
+    shows one batch per chunk, never a second) and writes every row."""
+    base_url, log = server
+    qs = synthetic_task.train_questions[46:52]
+    run = RunDir(str(tmp_path / "run"))
+    io.write_table(pa.Table.from_pylist(qs, schema=schemas.QUESTIONS), run.questions("train"))
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({"run_dir": run.root, "teacher": _batch_cfg(base_url, poll_interval_s=2.0)}))
+    drive = tmp_path / "drive.py"
+    drive.write_text("import sys\nfrom kard_ray.config import load_config\nfrom kard_ray.io import RunDir\n"
+                     "from kard_ray.teacher import generate_rationales\n"
+                     "cfg = load_config(sys.argv[1])\ngenerate_rationales(cfg, RunDir(cfg.run_dir))\n")
+    env = {**os.environ, KEY_ENV: KEY}
+    state = Path(run.path("teacher_batches.json"))
+    start = len(_log_entries(log))
+    proc = subprocess.Popen([sys.executable, str(drive), str(cfg_path)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while True:
+        chunks = json.loads(state.read_text())["chunks"] if state.exists() else []
+        if len(chunks) == 2 and all(c.get("batch_id") for c in chunks):
+            break
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "the driver created no batches"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    batch_ids = [c["batch_id"] for c in chunks]
+    assert not any(c.get("done") for c in json.loads(state.read_text())["chunks"])
+
+    rerun = subprocess.run([sys.executable, str(drive), str(cfg_path)], cwd=REPO, env=env, capture_output=True,
+                           timeout=180)
+    assert rerun.returncode == 0, rerun.stdout.decode()[-3000:] + rerun.stderr.decode()[-3000:]
+    created = _batch_events(log, start, "batch_created")
+    assert [e["batch_id"] for e in created] == batch_ids  # one batch per chunk, none created twice
+    final = json.loads(state.read_text())["chunks"]
+    assert [c["batch_id"] for c in final] == batch_ids and all(c["done"] for c in final)
+    table = io.read_table(run.rationales)
+    assert table.num_rows == 12 and table["error"].null_count == 12
+    assert len(set(zip(table["question_id"].to_pylist(), table["sample"].to_pylist()))) == 12

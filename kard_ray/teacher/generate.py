@@ -153,6 +153,35 @@ def _run_wave(cfg: KardConfig, backend, store: RationaleStore, wave: list[dict],
     return out
 
 
+def _run_batch_wave(cfg: KardConfig, backend, store: RationaleStore, wave: list[dict], summary: dict) -> list[dict]:
+    """The Batch API backend: rows arrive per finished batch (in the driver), scored and written at once."""
+    from kard_ray.teacher.backends.common import to_table
+
+    t = cfg.teacher
+    use_verifier = t.verifier_model is not None and t.filter != "none"
+    out: list[dict] = []
+
+    def write(gen_rows: list[dict]) -> None:
+        if not gen_rows:
+            return
+        scored = score_batch(to_table(gen_rows), t.filter, use_verifier)
+        if use_verifier:
+            import ray
+
+            from kard_ray.teacher.verifier import VerifierUDF, verifier_stage_kwargs
+
+            ds = ray.data.from_arrow(scored).map_batches(VerifierUDF, **verifier_stage_kwargs(cfg))
+            scored = pa.concat_tables(list(ds.iter_batches(batch_size=None, batch_format="pyarrow")))
+        rows = scored.select(RATIONALES.names).to_pylist()
+        store.write_part(rows)
+        out.extend(rows)
+        _log(f"wrote {len(out)} rows of this wave")
+
+    for k, v in backend.run_batches(wave, write).items():
+        summary[k] = summary.get(k, 0) + v if k != "pending" else v
+    return out
+
+
 class Budget:
     """`teacher.max_cost_usd` over the run directory's rows: plans waves of questions that fit."""
 
@@ -228,12 +257,15 @@ def generate_rationales(cfg: KardConfig, run: RunDir) -> dict:
     budget = None
     if t.max_cost_usd is not None and t.backend in GENERATIVE and todo:
         budget = Budget(cfg, todo, store.read().to_pylist() if existing else [])
-    written, waves = 0, 0
+    written, waves, batches = 0, 0, {}
     while todo:
         wave, todo = budget.plan(todo) if budget is not None else (todo, [])
         if not wave:
             break
-        rows = _run_wave(cfg, backend, store, wave, written, n_todo_rows)
+        if hasattr(backend, "run_batches"):
+            rows = _run_batch_wave(cfg, backend, store, wave, batches)
+        else:
+            rows = _run_wave(cfg, backend, store, wave, written, n_todo_rows)
         written += len(rows)
         waves += 1
         if budget is not None:
@@ -251,6 +283,8 @@ def generate_rationales(cfg: KardConfig, run: RunDir) -> dict:
     stats = _final_stats(cfg, store, questions)
     if budget is not None:
         stats["budget"] = budget.summary(todo)
+    if batches:
+        stats["batches"] = batches
     stats["this_run"] = {"rows_written": written, "rows_skipped": len(existing) - retried,
                          "rows_retried": retried, "rows_repaired": repaired, "waves": waves,
                          "seconds": round(time.time() - t0, 2)}

@@ -100,6 +100,18 @@ class OpenAIBackend(Backend):
 
 
 @dataclass
+class OpenAIBatchBackend(Backend):
+    """The Batch API runs in the driver (no Ray Data): `run_batches` writes rows as batches finish."""
+
+    run_dir: RunDir | None = None
+
+    def run_batches(self, todo: list[dict], write) -> dict:
+        from kard_ray.teacher.backends.openai_batch import OpenAIBatchRunner
+
+        return OpenAIBatchRunner(self.cfg, self.run_dir).run(todo, write)
+
+
+@dataclass
 class HFBackend(Backend):
     def dataset(self, todo: list[dict]):
         from kard_ray.teacher.backends.hf import HFGenerateUDF, hf_stage_kwargs
@@ -125,6 +137,8 @@ def make_backend(cfg: KardConfig, run: RunDir) -> Backend:
         return ImportBackend("synthetic", cfg, path=synthetic_inputs(run)["rationales"])
     if b == "openai":
         return OpenAIBackend("openai", cfg)
+    if b == "openai_batch":
+        return OpenAIBatchBackend("openai_batch", cfg, run_dir=run)
     if b == "hf":
         return HFBackend("hf", cfg)
     if b == "vllm":
