@@ -334,8 +334,8 @@ class RayNodes:
     def ray(self, *args: str, timeout: float = 120):
         import subprocess
 
-        return subprocess.run(["ray", *args, "--address", self.dashboard] if args[0] in ("job", "list")
-                              else ["ray", *args], capture_output=True, text=True, env=self.env, timeout=timeout)
+        cmd = ["ray", *args[:2], "--address", self.dashboard, *args[2:]] if args[0] in ("job", "list") else ["ray", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout)
 
     def nodes(self) -> list[dict]:
         """`ray list nodes` as JSON (node_id, state, resources_total, ...), the state API's view."""

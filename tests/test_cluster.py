@@ -399,3 +399,38 @@ def test_dockerfile_copies_the_package_and_dockerignore_keeps_outputs_out():
         assert pattern in ignored, pattern
     for needed in copied:
         assert needed not in ignored, needed
+
+
+# ---------------------------------------------------------------- node-type shapes, one per type
+
+
+def _kuberay_group_type(group_name: str) -> str:
+    return {"cpu": "cpu_worker"}.get(group_name, group_name.replace("-", "_"))
+
+
+def test_node_types_have_the_same_shape_in_every_cluster_config():
+    """cpu_worker / gpu_small / gpu_multi mean the same thing in every config: the same GPUs per node and the
+    same min/max, a head without tasks. tests/test_distributed.py autoscales aws.yaml's shapes with Ray's fake
+    multi-node provider, so this keeps the other configs on what that test exercised."""
+    shapes = {}
+    for name in LAUNCHER_CONFIGS:
+        doc = _yaml(CLUSTER / name)
+        types = doc["available_node_types"]
+        assert types[doc["head_node_type"]]["resources"] == {"CPU": 0}, name
+        shapes[name] = {t: (spec["resources"].get("GPU", 0), spec["min_workers"], spec["max_workers"],
+                            spec["resources"]["CPU"])
+                        for t, spec in types.items() if t != doc["head_node_type"]}
+    aws = shapes["aws.yaml"]
+    for name, s in shapes.items():
+        assert {t: v[:3] for t, v in s.items()} == {t: v[:3] for t, v in aws.items()}, name
+    for kind, manifest in [("raycluster.yaml", _yaml(CLUSTER / "kuberay" / "raycluster.yaml")["spec"]),
+                           ("rayjob.yaml", _yaml(CLUSTER / "kuberay" / "rayjob.yaml")["spec"]["rayClusterSpec"])]:
+        assert manifest["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0", kind
+        groups = {}
+        for g in manifest["workerGroupSpecs"]:
+            limits = g["template"]["spec"]["containers"][0]["resources"]["limits"]
+            groups[_kuberay_group_type(g["groupName"])] = (int(limits.get("nvidia.com/gpu", 0)), g["minReplicas"],
+                                                          g["maxReplicas"], float(limits["cpu"]))
+        assert {t: v[:3] for t, v in groups.items()} == {t: v[:3] for t, v in aws.items()}, kind
+        for t, (_, _, _, cpus) in groups.items():
+            assert cpus <= aws[t][3], (kind, t, "a pod must fit the launcher's node of its type")
