@@ -439,3 +439,39 @@ def test_bad_inputs_fail_with_clear_errors(synth, tmp_path):
     save_reranker(build_reranker("cross_encoder", synth.init), model_dir, load_tokenizer(synth.init), {})
     with pytest.raises(Exception, match="no column 'passage_ids'"):
         rerank_dataset(ray.data.from_items([{"query": "q"}]), model_dir, synth.cfg, k=1).take_all()
+
+
+@pytest.fixture(scope="module")
+def pooler_bert_dir(tmp_path_factory, tiny_bert_dir) -> str:
+    """A tiny BERT *with* its pooler, as every BERT-family checkpoint (MiniLM, LinkBERT) is published."""
+    from transformers import BertConfig, BertModel
+
+    from kard_ray.models import load_tokenizer
+
+    tok = load_tokenizer(tiny_bert_dir)
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id)
+    out = str(tmp_path_factory.mktemp("pooler_bert"))
+    model = BertModel(config, add_pooling_layer=True)
+    assert model.pooler is not None
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("architecture", ["late_interaction", "cross_encoder"])
+def test_two_ddp_workers_train_over_a_pooler_bearing_bert(synth, pooler_bert_dir, architecture):
+    """DDP fails on the second step when a parameter gets no gradient; late interaction never uses BERT's
+    pooler, so the encoder is loaded without it. Both architectures train 2 Ray Train workers to the end."""
+    ensure_examples(synth)
+    cfg = with_reranker(synth.cfg, architecture=architecture, num_workers=2, cpus_per_worker=1, max_steps=4,
+                        batch_size=4, checkpoint_every_steps=2, log_every_steps=2, max_failures=0)
+    result = train_reranker(cfg, synth.run, pooler_bert_dir, resume=False)
+    assert result["steps"] == 4 and result["world"] == 2 and all(math.isfinite(x) for x in result["loss_curve"])
+    from kard_ray.inference.reranker import load_reranker
+
+    model, meta = load_reranker(synth.run.model("reranker"))
+    assert meta["architecture"] == architecture
+    if architecture == "late_interaction":
+        assert not any("pooler" in n for n, _ in model.named_parameters())

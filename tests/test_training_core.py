@@ -37,9 +37,35 @@ def test_plan_counts_full_micro_batches_per_rank():
     assert (plan.rows_per_rank, plan.micro_per_epoch, plan.steps_per_epoch, plan.total_steps) == (50, 12, 6, 18)
     assert plan.samples_per_step == 16 and plan.epoch_checkpoints
     assert make_plan(StudentConfig(num_workers=2, batch_size=4, max_steps=7), 100, {}).total_steps == 7
-    assert make_plan(cfg, 100, {"m": 2}).fingerprint != plan.fingerprint  # another model: no resume
     with pytest.raises(ValueError, match="too small"):
         make_plan(cfg, 15, {})
+
+
+def test_weight_fingerprint_changes_with_every_weight_input_and_only_those(tmp_path):
+    import dataclasses
+
+    from kard_ray.training.core import describe_change, fingerprint_of, tree_digest, weight_inputs
+
+    cfg = StudentConfig(num_workers=2, batch_size=4)
+    base = weight_inputs(cfg, {"init_model": "m"}, 0, 100, "d1")
+    fp = fingerprint_of(base)
+    changed = [weight_inputs(dataclasses.replace(cfg, lr=cfg.lr * 2), {"init_model": "m"}, 0, 100, "d1"),
+               weight_inputs(dataclasses.replace(cfg, n_knowledge=2), {"init_model": "m"}, 0, 100, "d1"),
+               weight_inputs(cfg, {"init_model": "m2"}, 0, 100, "d1"), weight_inputs(cfg, {"init_model": "m"}, 1, 100, "d1"),
+               weight_inputs(cfg, {"init_model": "m"}, 0, 101, "d1"), weight_inputs(cfg, {"init_model": "m"}, 0, 100, "d2")]
+    assert all(fingerprint_of(c) != fp for c in changed)
+    same = weight_inputs(dataclasses.replace(cfg, log_every_steps=3, keep_checkpoints=5), {"init_model": "m"}, 0, 100, "d1")
+    assert fingerprint_of(same) == fp  # logging and retention do not change the weights
+    assert describe_change(base, changed[3]) == "config changed (seed 0 -> 1)"
+    # init model digest: the files' content, whatever their names' order; a changed file changes it
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "a.bin").write_bytes(b"1")
+    (d / "b.json").write_text("{}")
+    first = tree_digest(str(d))
+    assert weight_inputs(cfg, {"init_model": str(d)}, 0, 100, None)["init model files"] == first
+    (d / "a.bin").write_bytes(b"2")
+    assert tree_digest(str(d)) != first and tree_digest(str(tmp_path / "missing")) is None
 
 
 def test_deepspeed_needs_ray_train_workers():
@@ -143,3 +169,53 @@ def test_in_process_loop_logs_every_step_and_learns(ray_session, examples, tiny_
     from kard_ray.models import load_seq2seq, load_tokenizer
 
     assert load_seq2seq(out) is not None and load_tokenizer(out).pad_token_id == 0
+
+
+class _RecordOrder:
+    """loss_fn that appends each micro-batch's row ids to a file (the loop may run in a copy of it)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, model, batch, step):
+        with open(self.path, "a") as fh:
+            fh.write(" ".join(str(int(i)) for i in batch["idx"]) + "\n")
+        return model(batch["x"]).pow(2).mean(), 0
+
+
+class _IdxCollate:
+    def __call__(self, batch):
+        return {"idx": torch.as_tensor(batch["idx"]), "x": torch.as_tensor(batch["x"], dtype=torch.float32)[:, None]}
+
+
+class _Linear:
+    def __call__(self, model_config):
+        return torch.nn.Linear(1, 1)
+
+
+class _SaveState:
+    def __call__(self, model, directory):
+        torch.save(model.state_dict(), f"{directory}/model.pt")
+
+
+@pytest.mark.timeout(300)
+def test_each_epoch_sees_its_own_seeded_order(ray_session, tmp_path):
+    """Every epoch is a full new permutation of the rows, seeded by (seed, epoch): reproducible, different
+    between epochs and between seeds."""
+    from kard_ray.training.core import TrainTask
+
+    ds = ray_session.data.from_items([{"idx": i, "x": float(i)} for i in range(64)], override_num_blocks=4)
+    cfg = StudentConfig(num_workers=0, batch_size=8, epochs=3, lr=1e-3, log_every_steps=8)
+
+    def epochs(name: str, seed: int) -> list[list[int]]:
+        log = tmp_path / f"{name}.txt"
+        task = TrainTask(build_model=_Linear(), loss_fn=_RecordOrder(str(log)), collate_fn=_IdxCollate(),
+                         export_fn=_SaveState())
+        train(task, ds, cfg, str(tmp_path / name), str(tmp_path / "ckpt"), name, {}, seed=seed, resume=False)
+        rows = [int(x) for line in log.read_text().split("\n") if line for x in line.split()]
+        return [rows[i * 64:(i + 1) * 64] for i in range(3)]
+
+    a, b, c = epochs("a", 0), epochs("b", 0), epochs("c", 1)
+    assert all(sorted(e) == list(range(64)) for e in a)  # each epoch sees every row once
+    assert a[0] != a[1] != a[2] and a[0] != a[2]  # a new order every epoch
+    assert a == b and a != c  # seeded: reproducible, and another seed gives other orders

@@ -11,6 +11,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from kard_ray.config import StudentConfig
 from kard_ray.training.core import train
@@ -20,15 +21,24 @@ from oracle_examples import oracle_examples
 STEPS, CKPT_EVERY, FAIL_AT, KEEP = 30, 10, 15, 2
 
 
-def _fit(ray, synthetic_task, tiny_t5_dir, tmp, name, **cfg_kw):
+def _fit(ray, synthetic_task, tiny_t5_dir, tmp, name, fail_at=FAIL_AT, **cfg_kw):
     rows = oracle_examples(synthetic_task, "kard")
     ds = tokenize_examples(ray.data.from_items(rows), tiny_t5_dir, 128, None).materialize()
     cfg = StudentConfig(num_workers=2, batch_size=8, lr=3e-3, max_steps=STEPS, checkpoint_every_steps=CKPT_EVERY,
                         keep_checkpoints=KEEP, max_failures=1, log_every_steps=10, **cfg_kw)
     out, storage = str(tmp / "model"), str(tmp / "ckpt")
     result = train(seq2seq_task(tiny_t5_dir), ds, cfg, out, storage, name, {"init_model": tiny_t5_dir},
-                   resume=False, fail_at_step=FAIL_AT)
+                   resume=False, fail_at_step=fail_at)
     return result, out, os.path.join(storage, name)
+
+
+def assert_same_weights(dir_a: str, dir_b: str) -> None:
+    from kard_ray.models import load_seq2seq
+
+    a, b = load_seq2seq(dir_a).state_dict(), load_seq2seq(dir_b).state_dict()
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
 def _check_resumed_run(result: dict, out: str, run_path: str) -> list[dict]:
@@ -84,6 +94,18 @@ def test_ddp_worker_failure_resumes_at_exact_step(ddp_run):
 
 
 @pytest.mark.timeout(420)
+def test_ddp_interrupted_and_resumed_equals_uninterrupted(ddp_run, ray_session, synthetic_task, tiny_t5_dir,
+                                                          tmp_path):
+    """Exact resume on 2 workers: the run killed at step 15 and resumed from its step-10 checkpoint logs the
+    same loss at every step and ends with the same weights (torch.equal) as the same run never interrupted."""
+    result, out, _ = ddp_run
+    clean, clean_out, clean_path = _fit(ray_session, synthetic_task, tiny_t5_dir, tmp_path, "ddp_clean", fail_at=None)
+    assert not any(f.endswith(".marker") for f in os.listdir(clean_path))
+    assert result["loss_curve"] == clean["loss_curve"]
+    assert_same_weights(out, clean_out)
+
+
+@pytest.mark.timeout(420)
 def test_ddp_export_loads_and_generates(ddp_run):
     _check_export_generates(ddp_run[1])
 
@@ -103,21 +125,48 @@ def test_deepspeed_zero2_trains_checkpoints_resumes_exports(ray_session, synthet
     _check_export_generates(out)
 
 
-@pytest.mark.timeout(420)
-def test_one_worker_same_seed_same_loss_curve(ray_session, synthetic_task, tiny_t5_dir, tmp_path):
+@pytest.mark.timeout(600)
+def test_one_worker_same_seed_same_loss_curve_and_exact_resume(ray_session, synthetic_task, tiny_t5_dir, tmp_path):
     """A seeded run reproduces: blocks reach the worker in a fixed order (DataConfig preserve_order), so
-    the global shuffle and the batches are the same; another seed gives another order."""
+    the global shuffle and the batches are the same; another seed gives another order. The same run killed
+    at step 9 and resumed from its step-6 checkpoint (two epochs in: the second epoch's order is its own)
+    logs the same loss at every step and ends with identical weights."""
     rows = oracle_examples(synthetic_task, "kard")
     # many blocks, tokenised by parallel tasks that finish in any order
     ds = tokenize_examples(ray_session.data.from_items(rows, override_num_blocks=16), tiny_t5_dir, 128, None)
-    cfg = StudentConfig(num_workers=1, cpus_per_worker=1, batch_size=8, lr=3e-3, max_steps=12,
-                        checkpoint_every_steps=0, log_every_steps=12)
+    n = ds.count()
+    spe = n // 8
+    steps = spe + 6  # into the second epoch
+    cfg = StudentConfig(num_workers=1, cpus_per_worker=1, batch_size=8, lr=3e-3, max_steps=steps,
+                        checkpoint_every_steps=spe + 2, log_every_steps=1, max_failures=1)
 
-    def curve(name: str, seed: int) -> list[float]:
-        res = train(seq2seq_task(tiny_t5_dir), ds, cfg, str(tmp_path / name), str(tmp_path / "ckpt"), name,
-                    {"init_model": tiny_t5_dir}, seed=seed, resume=False)
-        return res["loss_curve"]
+    def run(name: str, seed: int, fail_at=None) -> dict:
+        return train(seq2seq_task(tiny_t5_dir), ds, cfg, str(tmp_path / name), str(tmp_path / "ckpt"), name,
+                     {"init_model": tiny_t5_dir}, seed=seed, resume=False, fail_at_step=fail_at)
 
-    a, b, c = curve("a", 0), curve("b", 0), curve("c", 1)
-    assert len(a) == 12 and a == b, (a, b)
-    assert a != c
+    a, b, c = run("a", 0), run("b", 0, fail_at=spe + 4), run("c", 1)
+    assert os.path.exists(tmp_path / "ckpt" / "b" / f"fail_once_at_step_{spe + 4}.marker")
+    assert len(a["loss_curve"]) == steps and a["loss_curve"] == b["loss_curve"], (a["loss_curve"], b["loss_curve"])
+    assert_same_weights(str(tmp_path / "a"), str(tmp_path / "b"))
+    assert a["loss_curve"] != c["loss_curve"]
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(600)
+def test_deepspeed_zero0_bf16_exports_fp32_master_weights(ray_session, synthetic_task, tiny_t5_dir, tmp_path):
+    """bf16 + ZeRO-0: the module trains in bf16 while BF16_Optimizer keeps fp32 masters; the export must be
+    the masters. After real updates they are not all representable in bf16 (bf16-rounded ones would be)."""
+    import torch
+
+    from kard_ray.models import load_seq2seq
+
+    rows = oracle_examples(synthetic_task, "kard")
+    ds = tokenize_examples(ray_session.data.from_items(rows), tiny_t5_dir, 128, None).materialize()
+    cfg = StudentConfig(num_workers=1, use_gpu=True, strategy="deepspeed", zero_stage=0, bf16=True, batch_size=8,
+                        lr=3e-3, max_steps=6, log_every_steps=6)
+    out = str(tmp_path / "model")
+    train(seq2seq_task(tiny_t5_dir), ds, cfg, out, str(tmp_path / "ckpt"), "bf16_z0", {"init_model": tiny_t5_dir},
+          resume=False)
+    weights = [p.detach() for p in load_seq2seq(out).parameters()]
+    assert all(w.dtype == torch.float32 for w in weights)
+    assert any(bool((w != w.bfloat16().float()).any()) for w in weights), "exported weights are bf16-rounded"

@@ -6,6 +6,7 @@ deployment and the evaluation actors format the source, decode and read the answ
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass
 
@@ -33,6 +34,17 @@ def choose(parsed: dict, score_by: str) -> int:
     else:
         idx = letter if letter is not None else text
     return -1 if idx is None else int(idx)
+
+
+def question_key(question: str, options) -> str:
+    """What identifies a question to the sampler: its text and options (Serve has no question id)."""
+    return "\x1f".join([question, *options])
+
+
+def sample_seed(seed: int, key: str, sample: int) -> int:
+    """The RNG seed of one self-consistency sample: a hash of (seed, question, sample index)."""
+    digest = hashlib.blake2b(f"{seed}\x1f{sample}\x1f{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def majority(votes: list[int]) -> int:
@@ -71,30 +83,40 @@ class StudentGenerator:
     def source(self, question: str, options: list[str], passages: list[str] | None) -> str:
         return format_source(question, list(options), passages, self.dataset)
 
-    def generate(self, sources: list[str]) -> list[list[str]]:
-        """`n_votes` generations per source (one when greedy)."""
-        torch = self.torch
+    def generate(self, sources: list[str], keys: list[str] | None = None) -> list[list[str]]:
+        """`n_votes` generations per source (one when greedy).
+
+        Sampling is seeded per question — by (seed, key, sample index), key defaulting to the source
+        text — and each question is decoded on its own, so its votes never depend on which other
+        questions share the batch: offline evaluation and Serve draw the same samples."""
         # Truncate exactly as training did (the middle goes, the "Explanation:" cue stays).
         ids = encode_sources(self.tokenizer, sources, self.max_source_length)
+        if self.decoding != "sample":
+            return self._decode(ids, dict(do_sample=False, num_beams=1))
+        out = []
+        for i, row in enumerate(ids):
+            key = (keys[i] if keys is not None else sources[i])
+            samples = []
+            for j in range(self.n_votes):
+                self.torch.manual_seed(sample_seed(self.seed, key, j))
+                samples += self._decode([row], dict(do_sample=True, temperature=self.temperature))[0]
+            out.append(samples)
+        return out
+
+    def _decode(self, ids: list[list[int]], kw: dict) -> list[list[str]]:
+        """One generation per row of token ids, as [[text], ...]."""
         enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
-        kw = dict(max_new_tokens=self.max_new_tokens)
-        if self.decoding == "sample":
-            torch.manual_seed(self.seed)
-            kw.update(do_sample=True, temperature=self.temperature, num_return_sequences=self.n_votes)
-        else:
-            kw.update(do_sample=False, num_beams=1)
-        with torch.inference_mode():
-            out = self.model.generate(**enc, **kw)
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        n = self.n_votes
-        return [[t.strip() for t in texts[i * n:(i + 1) * n]] for i in range(len(sources))]
+        with self.torch.inference_mode():
+            out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, **kw)
+        return [[t.strip()] for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
     def predict(self, questions: list[str], options: list[list[str]], passages: list[list[str] | None]) -> list[Prediction]:
         from kard_ray.teacher import parse_prediction
 
         sources = [self.source(q, o, p) for q, o, p in zip(questions, options, passages)]
+        keys = [question_key(q, o) for q, o in zip(questions, options)]
         preds = []
-        for opts, gens in zip(options, self.generate(sources)):
+        for opts, gens in zip(options, self.generate(sources, keys)):
             parsed = [parse_prediction(g, list(opts)) for g in gens]
             votes = [choose(p, self.score_by) for p in parsed]
             first = parsed[0]

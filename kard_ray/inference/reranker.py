@@ -127,6 +127,19 @@ class CrossEncoder(torch.nn.Module):
         return {}
 
 
+def load_token_encoder(name_or_path: str):
+    """An HF encoder for token states only. Its pooler (BERT's [CLS] dense head, present in every
+    BERT-family checkpoint: MiniLM, LinkBERT, ...) is dropped: late interaction never uses it, and a
+    parameter without a gradient makes DDP fail on the second step ("Expected to have finished
+    reduction in the prior iteration ...")."""
+    from kard_ray.models import load_encoder
+
+    encoder = load_encoder(name_or_path)
+    if getattr(encoder, "pooler", None) is not None:
+        encoder.pooler = None  # BertModel.forward skips a None pooler
+    return encoder
+
+
 class LateInteraction(torch.nn.Module):
     """ColBERT-style MaxSim over a shared encoder and a linear compressor."""
 
@@ -139,9 +152,7 @@ class LateInteraction(torch.nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, colbert_dim: int) -> "LateInteraction":
-        from kard_ray.models import load_encoder
-
-        return cls(load_encoder(name_or_path), colbert_dim)
+        return cls(load_token_encoder(name_or_path), colbert_dim)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -222,9 +233,7 @@ def load_reranker(model_dir: str) -> tuple[torch.nn.Module, dict]:
     else:
         from safetensors.torch import load_file
 
-        from kard_ray.models import load_encoder
-
-        model = LateInteraction(load_encoder(model_dir), int(meta["colbert_dim"]))
+        model = LateInteraction(load_token_encoder(model_dir), int(meta["colbert_dim"]))
         head = os.path.join(model_dir, meta.get("colbert_head", COLBERT_HEAD_FILE))
         if not os.path.exists(head):
             raise FileNotFoundError(f"{model_dir}: late-interaction reranker without its compressor {head}")

@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -38,6 +39,7 @@ from kard_ray.training.progress import Progress, emit, read_train_log
 
 N_KEY = "_n_items"  # added to every collated batch by the core (popped before loss_fn sees it)
 LOG_FILE = "train_log.jsonl"
+META_FILE = "meta.json"
 SUMMARY_FILE = "train_summary.json"
 FAIL_ENV = "KARD_TRAIN_FAIL_AT_STEP"
 
@@ -79,10 +81,9 @@ class Plan:
     total_steps: int
     samples_per_step: int  # global
     epoch_checkpoints: bool
-    fingerprint: str
 
 
-def make_plan(cfg: TrainingConfig, n_rows: int, model_config: dict) -> Plan:
+def make_plan(cfg: TrainingConfig, n_rows: int, model_config: dict | None = None) -> Plan:
     """Steps per epoch and in total. Ray Train splits the dataset equally across ranks
     (`streaming_split(equal=True)`) and micro-batches are full (`drop_last`), so every rank runs the
     same number of steps — a rank with an extra step would hang the others in an all-reduce."""
@@ -95,13 +96,73 @@ def make_plan(cfg: TrainingConfig, n_rows: int, model_config: dict) -> Plan:
             f"training data too small: {n_rows} rows over {world} worker(s) gives {rows_per_rank} rows per "
             f"worker, fewer than batch_size × grad_accum = {cfg.batch_size} × {cfg.grad_accum}")
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * spe
-    key = {k: getattr(cfg, k) for k in ("strategy", "zero_stage", "num_workers", "batch_size", "grad_accum", "lr",
-                                          "weight_decay", "schedule", "warmup_steps", "max_grad_norm", "epochs",
-                                          "max_steps")}
-    blob = json.dumps({"cfg": key, "rows": n_rows, "model": model_config}, sort_keys=True, default=str)
     return Plan(n_rows, world, rows_per_rank, micro, spe, total, cfg.batch_size * cfg.grad_accum * world,
-                epoch_checkpoints=cfg.max_steps is None,
-                fingerprint=hashlib.sha256(blob.encode()).hexdigest()[:16])
+                epoch_checkpoints=cfg.max_steps is None)
+
+
+# ------------------------------------------------------------------------------------------------
+# what decides the trained weights: a checkpoint is reused only when all of it is unchanged
+
+# Training keys that cannot change the weights (how often to log or checkpoint, how many to keep,
+# how often to retry). Every other key of the training section is part of the fingerprint.
+NOT_WEIGHT_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_failures")
+
+
+def tree_digest(path: str | None) -> str | None:
+    """Content digest of a file or directory tree (local or URI), independent of file order and of
+    the random part names Ray Data gives written files; None for a hub name or a missing path."""
+    if not path or not io.exists(path):
+        return None
+    fs, root = io.resolve(path)
+    import pyarrow.fs as pafs
+
+    info = fs.get_file_info(root)
+    files = [info] if info.type == pafs.FileType.File else \
+        [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
+    digests = []
+    for f in files:
+        if f.base_name.startswith((".", "_")):
+            continue  # hidden files and writer metadata (_SUCCESS, _common_metadata) are not content
+        h = hashlib.sha256()
+        with fs.open_input_stream(f.path) as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digests.append(h.hexdigest())
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:16]
+
+
+def weight_inputs(cfg: TrainingConfig, model_config: dict, seed: int, n_rows: int,
+                  data_digest: Optional[str]) -> dict:
+    """Everything that decides the trained weights, as a flat {label: value} dict (kept in every
+    checkpoint, so a mismatch can say what changed)."""
+    import dataclasses
+
+    section = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in NOT_WEIGHT_KEYS}
+    out = {f"train.{k}": v for k, v in sorted(section.items())}
+    out.update({f"model.{k}": v for k, v in sorted(model_config.items())})
+    out["seed"] = seed
+    out["init model files"] = tree_digest(model_config.get("init_model"))
+    out["training examples"] = data_digest
+    out["training rows"] = n_rows
+    return json.loads(json.dumps(out, default=str))  # what a checkpoint's meta.json reads back
+
+
+def fingerprint_of(inputs: dict) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def describe_change(old: dict, new: dict, limit: int = 4) -> str:
+    """`config changed (seed 0 -> 1, train.lr 0.001 -> 0.002)` for the keys that differ."""
+    def short(v):
+        text = json.dumps(v) if not isinstance(v, str) else v
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if not keys:
+        return "config unchanged"
+    parts = [f"{k} {short(old.get(k))} -> {short(new.get(k))}" for k in keys[:limit]]
+    more = f", +{len(keys) - limit} more" if len(keys) > limit else ""
+    return f"config changed ({', '.join(parts)}{more})"
 
 
 def _collate_class():
@@ -182,7 +243,8 @@ def _train_step(engine, task: TrainTask, micro: list[dict], step: int, world: in
 def _save_checkpoint(engine, config: dict, plan: Plan, step: int, metrics: dict, progress: Progress,
                      rank: int) -> None:
     """Every rank writes its part (DeepSpeed shard, RNG state) to a temp dir and reports it; Ray Train
-    merges the ranks' files into one checkpoint directory and keeps the last K."""
+    merges the ranks' files into one checkpoint directory and keeps the last K. meta.json carries the
+    run's fingerprint and the inputs behind it, so a later run can tell whether this is its own."""
     import ray.train
 
     tmp = tempfile.mkdtemp(prefix="kard_ckpt_")
@@ -190,9 +252,10 @@ def _save_checkpoint(engine, config: dict, plan: Plan, step: int, metrics: dict,
         engine.save(tmp, rank)
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
         if rank == 0:
-            meta = {"step": step, "fingerprint": plan.fingerprint, "log": progress.log,
-                    "train_time_s": metrics["train_time_s"], "strategy": engine.name, "world": plan.world}
-            with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            meta = {"step": step, "fingerprint": config["fingerprint"], "inputs": config["weight_inputs"],
+                    "log": progress.log, "train_time_s": metrics["train_time_s"], "strategy": engine.name,
+                    "world": plan.world}
+            with open(os.path.join(tmp, META_FILE), "w") as fh:
                 json.dump(meta, fh)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_step{step:08d}")
@@ -214,41 +277,71 @@ def _set_rng_state(st: dict) -> None:
         torch.cuda.set_rng_state(st["cuda"])
 
 
-def _restore(engine, plan: Plan, rank: int):
-    """(start_step, log, prior_train_time_s) from the latest checkpoint, or None to start fresh."""
+def _restore(engine, config: dict, rank: int):
+    """(start_step, log, prior_train_time_s) from the latest checkpoint, or None to start fresh.
+
+    The driver has already moved aside checkpoints of any other run (`_prepare_storage`); the
+    fingerprint is checked again here because a checkpoint is only ever restored into its own run."""
     import ray.train
 
     ckpt = ray.train.get_checkpoint()
     if ckpt is None:
         return None
     with ckpt.as_directory() as d:
-        meta_path = os.path.join(d, "meta.json")
+        meta_path = os.path.join(d, META_FILE)
         if not os.path.exists(meta_path):
-            raise RuntimeError(f"checkpoint {ckpt.path} has no meta.json: not written by kard_ray.training")
+            raise RuntimeError(f"checkpoint {ckpt.path} has no {META_FILE}: not written by kard_ray.training")
         with open(meta_path) as fh:
             meta = json.load(fh)
-        if meta.get("fingerprint") != plan.fingerprint:
-            # Same run name, different data/config: resuming would mix two runs.
-            if rank == 0:
-                emit(f"[train] checkpoint {ckpt.path} belongs to another configuration; starting from step 0", True)
-            return None
+        if meta.get("fingerprint") != config["fingerprint"]:
+            raise RuntimeError(f"checkpoint {ckpt.path} belongs to another run: "
+                               f"{describe_change(meta.get('inputs', {}), config['weight_inputs'])}")
         engine.load(d)
         rng = os.path.join(d, f"rng_rank{rank}.pt")
         if os.path.exists(rng):
             _set_rng_state(torch.load(rng, weights_only=False))
     if rank == 0:
-        emit(f"[train] resumed from {ckpt.path} at step {meta['step']}", True)
+        emit(f"[{config['name']}] resumed from {ckpt.path} at step {meta['step']}", True)
     return int(meta["step"]), list(meta["log"]), float(meta.get("train_time_s", 0.0))
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """The Ray Train worker function (also run in-process when num_workers == 0)."""
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The shuffle seed of one epoch: a hash of (seed, epoch), so (0, 1) and (1, 0) differ."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}\x1f{epoch}".encode(), digest_size=4).digest(), "big")
+
+
+@dataclass
+class _Worker:
+    """What one rank holds for the whole run (set up once)."""
+
+    task: TrainTask
+    cfg: TrainingConfig
+    plan: Plan
+    rank: int
+    world: int
+    local_mode: bool
+    device: torch.device
+    engine: object
+    flops_per_token: Optional[float] = None
+    progress: Optional[Progress] = None
+
+
+@dataclass
+class _State:
+    """Where the loop is: the step and epoch, micro-batches to skip on resume, the last checkpoint."""
+
+    step: int
+    epoch: int
+    skip: int
+    last_ckpt: int
+    metrics: Optional[dict] = None
+
+
+def _setup_worker(config: dict) -> _Worker:
+    """Rank, device, threads, the seeded model (optionally checkpointed activations) and its engine."""
     import ray.train
 
-    task: TrainTask = config["task"]
-    cfg: TrainingConfig = config["cfg"]
-    plan: Plan = config["plan"]
-    local_mode = config["local_mode"]
+    task, cfg, plan, local_mode = config["task"], config["cfg"], config["plan"], config["local_mode"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if world != plan.world:
@@ -269,87 +362,113 @@ def train_loop_per_worker(config: dict) -> None:
 
         fpt = (task.flops_per_token or flops_per_token)(model)
     engine = make_engine(cfg, model, plan.total_steps, device, world, task.find_unused_parameters)
+    return _Worker(task, cfg, plan, rank, world, local_mode, device, engine, flops_per_token=fpt)
 
-    restored = _restore(engine, plan, rank)
+
+def _resume_state(w: _Worker, config: dict) -> _State:
+    """Restore the identical run's latest checkpoint (or start at step 0) and open the progress log."""
+    restored = _restore(w.engine, config, w.rank)
     start_step, log, prior_time = restored if restored else (0, [], 0.0)
     output_dir = config["output_dir"]
-    if rank == 0 and restored is None and io.exists(output_dir):
+    if w.rank == 0 and restored is None and io.exists(output_dir):
         io.remove(output_dir)  # fresh run: no stale model files or log next to the new ones
-    progress = Progress(name=config["name"], rank=rank, world=world, total_steps=plan.total_steps,
-                        samples_per_step=plan.samples_per_step, log_path=io.join(output_dir, LOG_FILE),
-                        log_every=cfg.log_every_steps, device=device, flops_per_token=fpt,
-                        start_step=start_step, log=log, prior_train_time_s=prior_time, raw_stdout=not local_mode)
+    w.progress = Progress(name=config["name"], rank=w.rank, world=w.world, total_steps=w.plan.total_steps,
+                          samples_per_step=w.plan.samples_per_step, log_path=io.join(output_dir, LOG_FILE),
+                          log_every=w.cfg.log_every_steps, device=w.device, flops_per_token=w.flops_per_token,
+                          start_step=start_step, log=log, prior_train_time_s=prior_time,
+                          raw_stdout=not w.local_mode)
+    spe = w.plan.steps_per_epoch
+    # micro-batches of the current epoch already trained on: skipped, so the resumed run sees exactly
+    # the batches the uninterrupted one would (the epoch's order is a function of (seed, epoch))
+    return _State(step=start_step, epoch=start_step // spe, skip=(start_step % spe) * w.cfg.grad_accum,
+                  last_ckpt=start_step if restored else -1)
 
-    shard = ray.train.get_dataset_shard("train")
-    collate = _collate_class()(task.collate_fn, task.count_fn)
-    spe, accum = plan.steps_per_epoch, cfg.grad_accum
-    step = start_step
-    epoch = step // spe
-    skip = (step % spe) * accum  # micro-batches of the current epoch already trained on
-    last_ckpt = step if restored else -1
-    ckpt_every = 0 if local_mode else cfg.checkpoint_every_steps
-    metrics = None
 
-    while step < plan.total_steps:
-        it = shard.iter_torch_batches(
-            batch_size=cfg.batch_size, collate_fn=collate, device=device, drop_last=True, prefetch_batches=2,
-            pin_memory=device.type == "cuda",
-            local_shuffle_buffer_size=max(cfg.batch_size * 8, 256) if config["shuffle"] else None,
-            local_shuffle_seed=config["seed"] + epoch if config["shuffle"] else None)
-        micro: list[dict] = []
-        seen = 0
-        finished_epoch = False
-        for batch in it:
-            seen += 1
-            if skip:
-                skip -= 1
-                continue
-            if finished_epoch:
-                continue  # drain the epoch's leftovers (< grad_accum micro-batches) so ranks stay in step
-            micro.append(batch)
-            if len(micro) < accum:
-                continue
-            lr = engine.lr()  # the lr this step uses (the scheduler moves on in engine.step)
-            loss, gnorm = _train_step(engine, task, micro, step, world, progress)
-            micro = []
-            step += 1
-            progress.record(step, epoch, loss, gnorm, lr)
-            _maybe_fail(config, step, rank, world)
-            epoch_end = step % spe == 0
-            want_ckpt = not local_mode and (
-                (ckpt_every and step % ckpt_every == 0) or step == plan.total_steps
-                or (epoch_end and plan.epoch_checkpoints))
-            if want_ckpt or step % cfg.log_every_steps == 0 or step == plan.total_steps:
-                metrics = progress.flush(step)
-                if step % cfg.log_every_steps == 0 or step == plan.total_steps:
-                    progress.print_line(metrics)
-                if want_ckpt:
-                    _save_checkpoint(engine, config, plan, step, metrics, progress, rank)
-                    last_ckpt = step
-                else:
-                    ray.train.report(metrics)
-            if step >= plan.total_steps:
-                break
-            if epoch_end:
-                finished_epoch = True
+def _epoch_batches(w: _Worker, config: dict, epoch: int):
+    """This rank's micro-batches of one epoch, in an order seeded by (seed, epoch)."""
+    import ray.train
+
+    cfg = w.cfg
+    shuffle = config["shuffle"]
+    buffer = max(cfg.batch_size, min(w.plan.rows_per_rank, cfg.shuffle_buffer_rows)) if shuffle else None
+    return ray.train.get_dataset_shard("train").iter_torch_batches(
+        batch_size=cfg.batch_size, collate_fn=_collate_class()(w.task.collate_fn, w.task.count_fn),
+        device=w.device, drop_last=True, prefetch_batches=2, pin_memory=w.device.type == "cuda",
+        local_shuffle_buffer_size=buffer, local_shuffle_seed=epoch_seed(config["seed"], epoch) if shuffle else None)
+
+
+def _after_step(w: _Worker, config: dict, st: _State, loss, gnorm, lr: float) -> None:
+    """Record the step; flush/print the log, report metrics and write checkpoints when due."""
+    import ray.train
+
+    plan, cfg = w.plan, w.cfg
+    w.progress.record(st.step, st.epoch, loss, gnorm, lr)
+    _maybe_fail(config, st.step, w.rank, w.world)
+    ckpt_every = 0 if w.local_mode else cfg.checkpoint_every_steps
+    last = st.step == plan.total_steps
+    want_ckpt = not w.local_mode and (
+        (ckpt_every and st.step % ckpt_every == 0) or last
+        or (st.step % plan.steps_per_epoch == 0 and plan.epoch_checkpoints))
+    log_now = st.step % cfg.log_every_steps == 0 or last
+    if want_ckpt or log_now:
+        st.metrics = w.progress.flush(st.step)
+        if log_now:
+            w.progress.print_line(st.metrics)
+        if want_ckpt:
+            _save_checkpoint(w.engine, config, plan, st.step, st.metrics, w.progress, w.rank)
+            st.last_ckpt = st.step
         else:
-            if not finished_epoch:
-                raise RuntimeError(
-                    f"rank {rank}: the data shard ended after {seen} micro-batches in epoch {epoch}, "
-                    f"expected {plan.micro_per_epoch} ({plan.rows_per_rank} rows / batch {cfg.batch_size})")
-        epoch += 1
+            ray.train.report(st.metrics)
 
-    if metrics is None:  # resumed at the last step: nothing trained in this attempt
-        metrics = progress.flush(step)
+
+def _run_epoch(w: _Worker, config: dict, st: _State) -> None:
+    """Train on one epoch's micro-batches (after skipping those a resumed run already trained on)."""
+    accum, seen, micro, finished = w.cfg.grad_accum, 0, [], False
+    for batch in _epoch_batches(w, config, st.epoch):
+        seen += 1
+        if st.skip:
+            st.skip -= 1
+            continue
+        if finished:
+            continue  # drain the epoch's leftovers (< grad_accum micro-batches) so ranks stay in step
+        micro.append(batch)
+        if len(micro) < accum:
+            continue
+        lr = w.engine.lr()  # the lr this step uses (the scheduler moves on in engine.step)
+        loss, gnorm = _train_step(w.engine, w.task, micro, st.step, w.world, w.progress)
+        micro = []
+        st.step += 1
+        _after_step(w, config, st, loss, gnorm, lr)
+        if st.step >= w.plan.total_steps:
+            return
+        finished = st.step % w.plan.steps_per_epoch == 0
+    if not finished:
+        raise RuntimeError(
+            f"rank {w.rank}: the data shard ended after {seen} micro-batches in epoch {st.epoch}, "
+            f"expected {w.plan.micro_per_epoch} ({w.plan.rows_per_rank} rows / batch {w.cfg.batch_size})")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The Ray Train worker function (also run in-process when num_workers == 0): set up, resume,
+    train epoch by epoch, export."""
+    w = _setup_worker(config)
+    st = _resume_state(w, config)
+    while st.step < w.plan.total_steps:
+        _run_epoch(w, config, st)
+        st.epoch += 1
+    if st.metrics is None:  # resumed at the last step: nothing trained in this attempt
+        st.metrics = w.progress.flush(st.step)
     # throughput as of the last step (the final checkpoint's I/O is not training time)
-    _export(engine, task, config, plan, metrics, progress, rank, world, last_ckpt == step)
+    _export(w.engine, w.task, config, w.plan, st.metrics, w.progress, w.rank, w.world, st.last_ckpt == st.step)
 
 
 def _export(engine, task: TrainTask, config: dict, plan: Plan, metrics: dict, progress: Progress, rank: int,
             world: int, have_final_ckpt: bool) -> None:
+    """The trained fp32 weights as a `save_pretrained` directory (rank 0), plus the train summary."""
     import ray.train
 
     ckpt_dir_ctx = None
+    engine.gather_master_weights()  # a collective where the fp32 masters are partitioned (bf16 ZeRO-0)
     if engine.name == "deepspeed":
         if not have_final_ckpt:
             raise RuntimeError("DeepSpeed export needs a checkpoint of the final step")
@@ -366,17 +485,23 @@ def _export(engine, task: TrainTask, config: dict, plan: Plan, metrics: dict, pr
         if rank == 0:
             _write_export(task, model, out)
     if rank == 0:
-        losses = [e["loss"] for e in progress.log]
-        tail = losses[-min(10, len(losses)):] if losses else [float("nan")]
-        summary = {"steps": len(progress.log), "final_loss": float(np.mean(tail)),
-                   "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
-                   "train_time_s": metrics["train_time_s"], "strategy": engine.name, "world": world,
-                   "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch, "n_rows": plan.n_rows}
-        if "mfu" in metrics:
-            summary["mfu"] = metrics["mfu"]
-        io.write_json(io.join(out, SUMMARY_FILE), summary)
+        _write_summary(config, plan, metrics, progress, engine.name, world)
     if world > 1:
         dist.barrier()
+
+
+def _write_summary(config: dict, plan: Plan, metrics: dict, progress: Progress, strategy: str, world: int) -> None:
+    losses = [e["loss"] for e in progress.log]
+    tail = losses[-min(10, len(losses)):] if losses else [float("nan")]
+    summary = {"steps": len(progress.log), "final_loss": float(np.mean(tail)),
+               "samples_per_s": metrics["samples_per_s"], "tokens_per_s": metrics["tokens_per_s"],
+               "train_time_s": metrics["train_time_s"], "strategy": strategy, "world": world,
+               "total_steps": plan.total_steps, "steps_per_epoch": plan.steps_per_epoch, "n_rows": plan.n_rows,
+               # what produced these weights (the checkpoint fingerprint's inputs): config, seed, digests
+               "fingerprint": config["fingerprint"], "config": config["weight_inputs"]}
+    if "mfu" in metrics:
+        summary["mfu"] = metrics["mfu"]
+    io.write_json(io.join(config["output_dir"], SUMMARY_FILE), summary)
 
 
 def _write_export(task: TrainTask, model: torch.nn.Module, out: str) -> None:
@@ -398,9 +523,67 @@ def _write_export(task: TrainTask, model: torch.nn.Module, out: str) -> None:
 # the driver
 
 
+def latest_checkpoint_meta(run_path: str) -> Optional[dict]:
+    """meta.json of the newest `checkpoint_step*` under a Ray Train run directory, or None."""
+    if not io.exists(run_path):
+        return None
+    fs, root = io.resolve(run_path)
+    import pyarrow.fs as pafs
+
+    dirs = sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(root, recursive=False))
+                  if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_step"))
+    for d in reversed(dirs):
+        meta = io.join(run_path, d, META_FILE)
+        if io.exists(meta):
+            return io.read_json(meta)
+    return None
+
+
+def _move_aside(run_path: str) -> str:
+    dest = f"{run_path}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+    if io.is_uri(run_path):
+        import pyarrow.fs as pafs
+
+        fs, src = io.resolve(run_path)
+        pafs.copy_files(src, io.resolve(dest)[1], source_filesystem=fs, destination_filesystem=fs)
+        fs.delete_dir(src)
+    else:
+        os.replace(run_path, dest)
+    return dest
+
+
+def _prepare_storage(run_path: str, name: str, inputs: dict, fingerprint: str, resume: bool) -> None:
+    """Keep the run's checkpoints only for the identical run asked to resume; move any other aside
+    (kept under `<name>.stale-<time>/`) and say why training starts from scratch."""
+    meta = latest_checkpoint_meta(run_path)
+    if meta is None:
+        if io.exists(run_path):
+            io.remove(run_path)  # Ray Train state without a checkpoint of ours: nothing to resume
+        return
+    if resume and meta.get("fingerprint") == fingerprint:
+        print(f"[{name}] resuming the identical run from its step-{meta['step']} checkpoint", flush=True)
+        return
+    why = describe_change(meta.get("inputs", {}), inputs) if meta.get("fingerprint") != fingerprint else \
+        "asked to retrain (no --resume)"
+    dest = _move_aside(run_path)
+    print(f"[{name}] {why}: training from scratch (earlier checkpoints moved to {dest})", flush=True)
+
+
+def _scaling(cfg: TrainingConfig):
+    import ray.train
+
+    if cfg.num_workers == 0:
+        return ray.train.ScalingConfig(num_workers=0)
+    res: dict[str, float] = {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu:
+        res["GPU"] = 1
+    res.update(cfg.resources_per_worker)  # custom resources pin workers to the nodes that offer them
+    return ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=res)
+
+
 def train(task: TrainTask, train_ds, cfg: TrainingConfig, output_dir: str, storage_path: str, name: str,
           model_config: dict, *, seed: int = 0, resume: bool = True, shuffle: bool = True,
-          fail_at_step: Optional[int] = None) -> dict:
+          fail_at_step: Optional[int] = None, data_digest: Optional[str] = None) -> dict:
     """Train `task` on `train_ds` (a Ray Dataset of rows `task.collate_fn` understands).
 
     Runs TorchTrainer with `cfg.num_workers` workers (or in-process when 0), exports the final model
@@ -408,8 +591,10 @@ def train(task: TrainTask, train_ds, cfg: TrainingConfig, output_dir: str, stora
     and returns {"steps", "final_loss", "loss_curve", "samples_per_s", "tokens_per_s", "train_time_s",
     ...}. `final_loss` is the mean of the last 10 steps' losses.
 
-    resume=True continues a previous run with the same `storage_path`/`name` (Ray Train restores its
-    latest checkpoint; one from another configuration is ignored); resume=False deletes it first.
+    A checkpoint under `storage_path/name` is reused only by the identical run and only when
+    `resume=True`: identical means the same training section (`NOT_WEIGHT_KEYS` aside), seed, model
+    config, init model files and `data_digest` (a content digest of the examples, `tree_digest`).
+    Anything else moves the old checkpoints aside and trains from scratch.
     fail_at_step (or env KARD_TRAIN_FAIL_AT_STEP) makes the last rank raise once at that step.
     """
     import ray.train
@@ -420,45 +605,40 @@ def train(task: TrainTask, train_ds, cfg: TrainingConfig, output_dir: str, stora
     if cfg.use_gpu and cfg.num_workers == 0 and not torch.cuda.is_available():
         raise ValueError("use_gpu=true with num_workers=0 but the driver sees no CUDA device")
     n_rows = train_ds.count()
-    plan = make_plan(cfg, n_rows, model_config)
+    plan = make_plan(cfg, n_rows)
+    inputs = weight_inputs(cfg, model_config, seed, n_rows, data_digest)
+    fingerprint = fingerprint_of(inputs)
     if not io.is_uri(storage_path):
         storage_path = os.path.abspath(storage_path)
     run_path = io.join(storage_path, name)
-    if not resume and io.exists(run_path):
-        io.remove(run_path)
+    _prepare_storage(run_path, name, inputs, fingerprint, resume)
     if fail_at_step is None and os.environ.get(FAIL_ENV):
         fail_at_step = int(os.environ[FAIL_ENV])
-    local_mode = cfg.num_workers == 0
     loop_config = {
         "task": task, "cfg": cfg, "plan": plan, "model_config": model_config, "output_dir": output_dir,
-        "name": name, "seed": seed, "shuffle": shuffle, "local_mode": local_mode,
-        "fail_at_step": fail_at_step, "fail_marker": io.join(run_path, f"fail_once_at_step_{fail_at_step}.marker")
-        if fail_at_step is not None else None,
+        "name": name, "seed": seed, "shuffle": shuffle, "local_mode": cfg.num_workers == 0,
+        "fingerprint": fingerprint, "weight_inputs": inputs, "fail_at_step": fail_at_step,
+        "fail_marker": io.join(run_path, f"fail_once_at_step_{fail_at_step}.marker") if fail_at_step is not None else None,
     }
-    if local_mode:
-        scaling = ray.train.ScalingConfig(num_workers=0)
-    else:
-        res: dict[str, float] = {"CPU": cfg.cpus_per_worker}
-        if cfg.use_gpu:
-            res["GPU"] = 1
-        res.update(cfg.resources_per_worker)  # custom resources pin workers to the nodes that offer them
-        scaling = ray.train.ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=res)
     storage, storage_fs = io.train_storage(storage_path)  # a URI's endpoint/region reach Ray Train too
     run_config = ray.train.RunConfig(
         name=name, storage_path=storage, storage_filesystem=storage_fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints))
     if shuffle:
-        # Examples arrive grouped (sorted by question, so an entity's questions sit side by side); the
-        # per-epoch local shuffle buffer alone leaves each batch dominated by a few entities, and a small
-        # student then learns shortcuts ("copy option A") instead of reading its passages. One seeded
-        # global shuffle makes batches i.i.d.; the same seed gives the same order on resume.
+        # Examples arrive grouped (sorted by question, so an entity's questions sit side by side); a small
+        # student then learns shortcuts ("copy option A") from entity-correlated batches. One seeded global
+        # shuffle spreads them over the ranks; each epoch then reshuffles each rank's share (_epoch_batches).
         train_ds = train_ds.random_shuffle(seed=seed)
     # Blocks reach the workers in a fixed order (Ray Data otherwise hands them out as tasks finish), so
     # one seed gives one data order and, on one worker, one trained model: a rerun reproduces a result.
     ingest = ray.train.DataConfig.default_ingest_options()
     ingest.preserve_order = True
-    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+    # The iterator a worker reads also orders its collated batches by the dataset's own context (its
+    # collate thread pool otherwise hands batches over as they finish), and in local mode the DataConfig
+    # does not reach the loop at all: the dataset itself must preserve order too.
+    train_ds.context.execution_options.preserve_order = True
+    trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=_scaling(cfg),
                            run_config=run_config, datasets={"train": train_ds},
                            dataset_config=ray.train.DataConfig(execution_options=ingest))
     trainer.fit()

@@ -85,6 +85,9 @@ class TorchEngine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
+    def gather_master_weights(self) -> None:
+        """Nothing to gather: under DDP every rank holds the full fp32 weights."""
+
     def export_model(self, build_model, model_config: dict, checkpoint_dir: Optional[str], rank: int):
         """The trained module (every rank holds full weights under DDP); only rank 0 uses it."""
         return self.unwrapped if rank == 0 else None
@@ -129,6 +132,7 @@ class DeepSpeedEngine:
         self.module = self.engine
         self.unwrapped = self.engine.module
         self.autocast = False  # the engine casts to bf16 itself (config "bf16")
+        self.master_state: Optional[dict] = None
 
     def forward_context(self, last_micro: bool):
         return contextlib.nullcontext()  # the engine knows the accumulation boundary itself
@@ -146,6 +150,22 @@ class DeepSpeedEngine:
 
     def lr(self) -> float:
         return float(self.engine.get_lr()[0])
+
+    def gather_master_weights(self) -> None:
+        """bf16 + ZeRO-0: the module holds bf16 weights and DeepSpeed's BF16_Optimizer the fp32 masters,
+        partitioned across ranks; exporting `module.float()` would ship bf16-rounded weights. Every rank
+        takes part in gathering the full fp32 copy of each parameter (a collective); rank 0 keeps it.
+        (ZeRO 1-3 consolidate from the checkpoint instead: `export_model`.)"""
+        self.master_state = None
+        if self.cfg.zero_stage != 0 or not self.engine.bfloat16_enabled():
+            return
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, p in self.unwrapped.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            state[name] = (full if full is not None else p.detach().float()).cpu().clone()
+        self.master_state = state if not dist.is_initialized() or dist.get_rank() == 0 else None
 
     def save(self, directory: str, rank: int) -> None:
         # Every rank: each writes its own ZeRO shard and the call holds collectives (RAY_NOTES).
@@ -167,8 +187,11 @@ class DeepSpeedEngine:
         if rank != 0:
             return None
         if self.cfg.zero_stage == 0:
-            model = self.unwrapped
-            return model.float() if self.device.type == "cuda" and self.cfg.bf16 else model
+            if self.master_state is None:
+                return self.unwrapped
+            model = build_model(model_config)  # fp32, loaded with the fp32 masters (not bf16-rounded)
+            load_full_state(model, self.master_state)
+            return model
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         if checkpoint_dir is None:

@@ -41,7 +41,7 @@ from kard_ray.io import RunDir
 from kard_ray.inference.reranker import (
     ARCHITECTURES, build_reranker, encode_pairs, encode_texts, load_reranker_tokenizer, save_reranker)
 from kard_ray.knowledge import format_passage
-from kard_ray.training.core import TrainTask, make_plan, train
+from kard_ray.training.core import TrainTask, make_plan, train, tree_digest
 from kard_ray.training.reranker_mining import EXAMPLES_SCHEMA, mine_candidates
 
 __all__ = ["EXAMPLES_SCHEMA", "listwise_loss", "mine_candidates", "reranker_task", "sample_candidates",
@@ -274,7 +274,8 @@ def train_reranker(cfg: KardConfig, run: RunDir, init_model: str, *, resume: boo
     task = reranker_task(rc, init_model, plan.total_steps, cfg.seed)
     out = run.model("reranker")
     result = train(task, ds, rc, output_dir=out, storage_path=cfg.resources.storage_path or run.checkpoints,
-                   name="reranker", model_config=model_config, seed=cfg.seed, resume=resume, fail_at_step=fail_at_step)
+                   name="reranker", model_config=model_config, seed=cfg.seed, resume=resume, fail_at_step=fail_at_step,
+                   data_digest=tree_digest(run.examples("reranker")))
     result.update({"examples": n_rows, "model_dir": out, "architecture": rc.architecture, "loss": rc.loss})
     return result
 

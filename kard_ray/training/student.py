@@ -27,7 +27,7 @@ from kard_ray.data.stage import read_questions
 from kard_ray.inference.formats import VARIANTS, answer_letter, encode_sources, format_source, format_target
 from kard_ray.io import RunDir
 from kard_ray.teacher.kept import kept_rationales
-from kard_ray.training.core import TrainTask, train
+from kard_ray.training.core import TrainTask, train, tree_digest
 
 
 # ------------------------------------------------------------------------------------------------
@@ -241,6 +241,7 @@ def train_student(cfg: KardConfig, run: RunDir, variant: str, init_model: str, *
         train_cfg = dataclasses.replace(cfg.student, max_steps=cfg.student.ft_max_steps)
     result = train(seq2seq_task(init_model), ds, train_cfg, output_dir=run.model(name),
                    storage_path=cfg.resources.storage_path or run.checkpoints, name=name,
-                   model_config={"init_model": init_model}, seed=cfg.seed, resume=resume, fail_at_step=fail_at_step)
+                   model_config={"init_model": init_model, "variant": variant}, seed=cfg.seed, resume=resume,
+                   fail_at_step=fail_at_step, data_digest=tree_digest(run.examples(name)))
     result.update({"variant": variant, "examples": ds.count(), "model_dir": run.model(name)})
     return result
