@@ -17,13 +17,15 @@ import sys
 
 import common
 
-ORDER = ["bm25", "embed", "train", "generate", "serve"]
+ORDER = ["bm25", "embed", "train", "generate", "serve", "scale_1m", "scale_5m"]
 TITLES = {
     "bm25": "1. BM25: kard-ray retriever vs rank_bm25",
     "embed": "2. Dense embedding: Ray Data stage vs in-process loop",
     "train": "3. Training: trainer core (1 Ray Train worker) vs bare PyTorch loop",
     "generate": "4. Batch evaluation / generation: Ray Data stage vs bare generate loop",
     "serve": "5. Serving: Serve graph vs the same components in-process",
+    "scale_1m": "6. Knowledge layer at 1M generated passages (`bench/bench_scale.py`)",
+    "scale_5m": "7. Knowledge layer at 5M generated passages (`bench/bench_scale.py`)",
 }
 TARGETS = {
     "bm25": ">= 10x rank_bm25 queries/s",
@@ -31,6 +33,8 @@ TARGETS = {
     "train": ">= 0.85x samples/s",
     "generate": ">= 0.8x questions/s (steady state)",
     "serve": "p50 overhead <= 15 ms per request",
+    "scale_1m": "<= 8 GiB RSS in every process",
+    "scale_5m": "<= 8 GiB RSS in every process",
 }
 NO_GPU = "not run: no GPU lent to this task"
 

@@ -2,6 +2,7 @@
 # Run every benchmark on this machine, one after another, and regenerate bench/RESULTS.md.
 #
 #   bash bench/run_all.sh [--data DIR] [--smoke]      # ~15 min on a 2-core machine (--smoke: ~2 min)
+#                                                     # + the 1M-passage scale run (KARD_BENCH_5M=1: also 5M)
 #
 # Each script prints its figures and ends with `RATIO <name> <value>`; its JSON goes to
 # bench/results/<name>.json (bench/results-smoke/ with --smoke, leaving the real results alone) and
@@ -29,6 +30,19 @@ for name in bm25 embed train generate serve; do
   [[ "$name" == embed ]] && opts+=(--minilm)
   if ! python "bench/bench_$name.py" --out "$results/$name.json" "${opts[@]}" "${extra[@]}"; then
     echo "!!! bench_$name.py failed" >&2
+    failed+=("$name")
+  fi
+done
+# The knowledge layer at scale (generated 100-word passages): 1M always, 5M with KARD_BENCH_5M=1 (~5x longer).
+scales=(1000000)
+[[ "${KARD_BENCH_5M:-0}" == 1 ]] && scales+=(5000000)
+for n in "${scales[@]}"; do
+  name="scale_$((n / 1000000))m"
+  echo "=== $name ($(date +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg)) ==="
+  rm -f "$results/$name.json"
+  if ! nice -n 10 python bench/bench_scale.py --passages "$n" --shards $(( n > 2000000 ? 4 : 2 )) \
+      --single-max 1000000 --out "$results/$name.json" "${extra[@]}"; then
+    echo "!!! bench_scale.py --passages $n failed" >&2
     failed+=("$name")
   fi
 done
