@@ -453,7 +453,7 @@ class AutoscalingConfig:
     max_queued_requests: Optional[int] = _f(
         None, "Requests each caller (the HTTP proxy, an Ingress replica) may queue for this deployment beyond what its "
               "replicas work on; past it a request is refused at once with 503 + Retry-After instead of waiting. "
-              "-1 = unbounded (latency grows without limit under overload); null = derived: max_ongoing_requests.")
+              "-1 = unbounded (latency grows without limit under overload); null = derived: 4 x max_ongoing_requests.")
 
     def __post_init__(self):
         _check(0 <= self.min_replicas <= self.max_replicas, "serve.*.autoscaling", "need 0 <= min_replicas <= max_replicas")
@@ -489,9 +489,8 @@ class ServeConfig:
     ingress: AutoscalingConfig = _f(
         AutoscalingConfig(),
         "Ingress replicas. Its bounds are the service's capacity: max_ongoing_requests per replica in the graph at "
-        "once (null = 12), max_queued_requests more waiting at the HTTP proxy (null = 4); the next one is answered "
-        "503 + Retry-After at once (a JSON body via kard_ray.serve.proxy). 12/4 keep the demo's throughput at its "
-        "peak under 128 clients on 2 cores.")
+        "once (null = 12), max_queued_requests more waiting at the HTTP proxy (null = 8); the next one is answered "
+        "503 + Retry-After at once (a JSON body via kard_ray.serve.proxy).")
     retry_after_s: float = _f(1.0, "Retry-After (seconds) on a 503 when the service is over capacity or draining.")
     drain_timeout_s: float = _f(60.0, "`kard-ray serve` on SIGTERM: refuse new requests and wait at most this long for "
                                       "in-flight ones to finish before shutting down.")

@@ -98,4 +98,5 @@ def run_hey(url: str, body: dict, *, concurrency: int, requests: int, timeout_s:
         os.unlink(path)
     if proc.returncode != 0:
         raise RuntimeError(f"hey failed ({proc.returncode}): {proc.stderr[-2000:]}")
-    return parse_hey_csv(proc.stdout, concurrency, requests)
+    # hey gives each worker requests // concurrency requests: that many are sent in all.
+    return parse_hey_csv(proc.stdout, concurrency, (requests // concurrency) * concurrency)
