@@ -107,7 +107,7 @@ def read_bytes(path: str) -> bytes:
     fs, p = resolve(path)
     with fs.open_input_stream(p, compression=None) as fh:
         data = fh.read()
-    if path.endswith(".gz"):
+    if display(path).endswith(".gz"):
         data = gzip.decompress(data)
     return data
 
@@ -138,7 +138,7 @@ def iter_text_lines(path: str) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) of a text file, gzip-aware, streaming."""
     fs, p = resolve(path)
     with fs.open_input_stream(p, compression=None) as raw:
-        stream = gzip.GzipFile(fileobj=raw) if path.endswith(".gz") else raw
+        stream = gzip.GzipFile(fileobj=raw) if display(path).endswith(".gz") else raw
         text = io.TextIOWrapper(stream, encoding="utf-8", errors="replace")
         for i, line in enumerate(text, start=1):
             yield i, line

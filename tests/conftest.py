@@ -219,20 +219,31 @@ class RayNodes:
                f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
                f"--runtime-env-agent-port={free_port()}", "--object-store-memory=300000000",
                "--disable-usage-stats", *args]
-        log = open(os.path.join(self.root, f"{name}.log"), "w")
+        log = open(os.path.join(self.root, f"{name}.log"), "a")
         p = subprocess.Popen(cmd, env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
                              start_new_session=True)
         self.procs[name] = p
         self.sessions.append(p.pid)  # start_new_session: the session id is the pid
 
     def start_head(self, num_cpus: float = 0, resources: dict | None = None, extra: list[str] = (),
-                   env: dict | None = None) -> None:
-        dash = free_port()
-        self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                             f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
-                             "--include-dashboard=true", f"--num-cpus={num_cpus}", *extra], resources, env)
-        self.dashboard = f"http://127.0.0.1:{dash}"
-        self.wait_for(lambda: self.ray("job", "list").returncode == 0, 180, "the head node's job server")
+                   env: dict | None = None, attempts: int = 3) -> None:
+        """Start the head and wait for its job server; started again if it exits (see add_worker)."""
+        import signal
+
+        for attempt in range(attempts):
+            dash = free_port()
+            self._start("head", ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+                                 f"--dashboard-port={dash}", f"--ray-client-server-port={free_port()}",
+                                 "--include-dashboard=true", f"--num-cpus={num_cpus}", *extra], resources, env)
+            self.dashboard = f"http://127.0.0.1:{dash}"
+            proc = self.procs["head"]
+            self.wait_for(lambda: proc.poll() is not None or self.ray("job", "list").returncode == 0, 300,
+                          "the head node's job server")
+            if proc.poll() is None:
+                return
+            self.procs.pop("head")
+            self._kill_session(proc.pid, signal.SIGKILL)
+        raise RuntimeError(f"the head node did not start in {attempts} attempts; see {self.root}/head.log")
 
     def add_worker(self, name: str, num_cpus: float, resources: dict | None = None, attempts: int = 3) -> None:
         """Start a worker node and wait until the GCS lists it alive. On a loaded machine a raylet can give

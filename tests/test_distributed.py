@@ -276,9 +276,7 @@ def test_autoscaler_launches_workers_for_a_stage_and_releases_them(s3_server):
     from conftest import CLUSTER_ENV, RayNodes
 
     launcher = REPO / "cluster" / "aws.yaml"
-    # Credentials from the environment, the endpoint only in the run_dir URI (pyarrow's URI parameters).
-    env = {**CLUSTER_ENV, **{k: v for k, v in s3_server["env"].items() if k != "AWS_ENDPOINT_URL"},
-           "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env = {**CLUSTER_ENV, **s3_server["env"], "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     nodes = RayNodes(env, prefix="krdas")
     env["RAY_TMPDIR"] = nodes.root  # the nodes the provider starts put their files here too
     config = _autoscaling_config(launcher, f"127.0.0.1:{nodes.gcs_port}")
@@ -286,8 +284,7 @@ def test_autoscaler_launches_workers_for_a_stage_and_releases_them(s3_server):
     cfg_path.write_text(json.dumps(config))
     head_cpus = config["available_node_types"]["ray.head.default"]["resources"]["CPU"]
     assert head_cpus == 0
-    run_dir = (f"s3://{s3_server['bucket']}/autoscale?endpoint_override={s3_server['host_port']}"
-               f"&scheme=http&region=us-east-1")
+    run_dir = f"s3://{s3_server['bucket']}/autoscale"
     seen: dict[str, dict] = {}
     try:
         nodes.start_head(num_cpus=head_cpus, extra=[f"--autoscaling-config={cfg_path}"], env=env)
