@@ -489,7 +489,7 @@ class ServeConfig:
     ingress: AutoscalingConfig = _f(
         AutoscalingConfig(),
         "Ingress replicas. Its bounds are the service's capacity: max_ongoing_requests per replica in the graph at "
-        "once (null = 12), max_queued_requests more waiting at the HTTP proxy (null = 8); the next one is answered "
+        "once (null = 8), max_queued_requests more waiting at the HTTP proxy (null = 16); the next one is answered "
         "503 + Retry-After at once (a JSON body via kard_ray.serve.proxy).")
     retry_after_s: float = _f(1.0, "Retry-After (seconds) on a 503 when the service is over capacity or draining.")
     drain_timeout_s: float = _f(60.0, "`kard-ray serve` on SIGTERM: refuse new requests and wait at most this long for "

@@ -65,9 +65,10 @@ def served_method(run_dir: str) -> str:
 
 
 # The Ingress's bounds when the config leaves them null: the graph's capacity on the demo's 2 cores
-# (12 in progress + 8 waiting at the proxy; bench/RESULTS.md). The queue must absorb a burst of
-# arrivals: Serve counts a request as queued until the router has placed it.
-INGRESS_MAX_ONGOING, INGRESS_MAX_QUEUED = 12, 8
+# (8 in progress, one generator batch: the peak throughput was at 8 clients) + 16 waiting at the
+# proxy. The queue must absorb a burst of arrivals: Serve counts a request as queued until the router
+# has placed it, so a queue shorter than a burst refuses some of it even with replicas free.
+INGRESS_MAX_ONGOING, INGRESS_MAX_QUEUED = 8, 16
 
 
 def max_ongoing(scale: AutoscalingConfig, min_ongoing: int = 5) -> int:
