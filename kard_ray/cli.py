@@ -3,6 +3,7 @@
     kard-ray distill [--config configs/demo.yaml] [--from-stage S] [--only S ...] [--resume] [key=value ...]
     kard-ray build-index | generate-rationales | train-student | train-reranker | evaluate  [--config ..] [key=value ...]
     kard-ray serve RUN_DIR [key=value ...]
+    kard-ray status RUN_DIR [key=value ...]           the manifest as a table: what ran, what would rerun and why
     kard-ray config [--config ..] [key=value ...]     print the resolved config
     kard-ray config --reference                       every field with its default and help (Markdown)
 
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
                             "teacher stage would spend, and stop (nothing is requested)")
     s = sub.add_parser("serve", help="serve a finished run directory over HTTP with Ray Serve")
     s.add_argument("run_dir")
+    st = sub.add_parser("status", help="a run's stages (status, time, counts, fingerprint, why it would rerun) "
+                                       "and its results; overrides ask what a changed config would rerun")
+    st.add_argument("run_dir", help="run directory: local path or URI (file://, s3://)")
     c = common("config", "print the resolved config")
     c.add_argument("--reference", action="store_true", help="print every field with default and help as Markdown")
     return p
@@ -102,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "config":
             _print_config(args, overrides)
+            return 0
+        if args.command == "status":
+            from kard_ray.pipeline import status_table
+            from kard_ray.serve.app import load_run_config
+
+            print(status_table(load_run_config(args.run_dir, overrides)), end="")
             return 0
         if args.command == "serve":
             from kard_ray.serve import serve_run_dir

@@ -76,14 +76,38 @@ def _inputs(cfg: KardConfig, stage: str) -> list:
     return []
 
 
-def fingerprints(cfg: KardConfig) -> dict[str, str]:
-    fps: dict[str, str] = {}
+def fingerprint_parts(cfg: KardConfig) -> dict[str, dict]:
+    """Per stage, what its fingerprint hashes: the upstream stages' fingerprints, its config sections' hash
+    and its input files' stamps (each hashed), plus the fingerprint itself."""
+    parts: dict[str, dict] = {}
     for stage in STAGES:
         upstream, sections = DEPENDS_ON[stage]
-        blob = json.dumps({"up": [fps[u] for u in upstream], "cfg": cfg.section_hash(*sections),
-                           "inputs": _inputs(cfg, stage)}, sort_keys=True, default=str)
-        fps[stage] = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    return fps
+        inputs = hashlib.sha256(json.dumps(_inputs(cfg, stage), default=str).encode()).hexdigest()[:16]
+        p = {"up": {u: parts[u]["fingerprint"] for u in upstream}, "cfg": cfg.section_hash(*sections), "inputs": inputs}
+        blob = json.dumps({"up": list(p["up"].values()), "cfg": p["cfg"], "inputs": p["inputs"]}, sort_keys=True)
+        parts[stage] = {**p, "fingerprint": hashlib.sha256(blob.encode()).hexdigest()[:16]}
+    return parts
+
+
+def fingerprints(cfg: KardConfig) -> dict[str, str]:
+    return {s: p["fingerprint"] for s, p in fingerprint_parts(cfg).items()}
+
+
+def why_rerun(stage: str, entry: dict, now: dict) -> str:
+    """Why a stage would run again under `cfg` ("" when it would be skipped)."""
+    if entry.get("status") != "done":
+        return f"status {entry.get('status', 'never run')}"
+    if entry.get("fingerprint") == now["fingerprint"]:
+        return ""
+    old = entry.get("parts")
+    if not old:
+        return "fingerprint changed"
+    reasons = [f"{u} changed" for u, fp in now["up"].items() if old.get("up", {}).get(u) != fp]
+    if old.get("cfg") != now["cfg"]:
+        reasons.append("config (" + ", ".join(DEPENDS_ON[stage][1]) + ") changed")
+    if old.get("inputs") != now["inputs"]:
+        reasons.append("input files changed")
+    return "; ".join(reasons) or "fingerprint changed"
 
 
 def stage_needed(cfg: KardConfig, stage: str) -> bool:
@@ -291,11 +315,11 @@ def _plan_stages(cfg: KardConfig, manifest: dict, fps: dict, from_stage, only) -
     return plan
 
 
-def _run_stage(cfg: KardConfig, run_dir: io.RunDir, manifest: dict, stage: str, fingerprint: str,
+def _run_stage(cfg: KardConfig, run_dir: io.RunDir, manifest: dict, stage: str, parts: dict,
                resume: bool) -> None:
     print(f"[pipeline] {stage:10s} running ...", flush=True)
     t0 = time.time()
-    manifest["stages"][stage] = {"status": "running", "fingerprint": fingerprint,
+    manifest["stages"][stage] = {"status": "running", "fingerprint": parts["fingerprint"], "parts": parts,
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
     io.write_json(run_dir.manifest, manifest)
     try:
@@ -328,15 +352,45 @@ def run(cfg: KardConfig, from_stage: str | None = None, only: list[str] | None =
     run_dir = io.RunDir(cfg.run_dir)
     io.makedirs(run_dir.root)
     manifest = load_manifest(run_dir)
-    fps = fingerprints(cfg)
+    parts = fingerprint_parts(cfg)
+    fps = {s: p["fingerprint"] for s, p in parts.items()}
     plan = _plan_stages(cfg, manifest, fps, from_stage, only)
     io.write_bytes(run_dir.config, cfg.to_yaml().encode())
     manifest["config_hash"] = cfg.section_hash(*[f.name for f in cfg.__dataclass_fields__.values()])
     t_start = time.time()
     print(f"[pipeline] run directory {run_dir.root}", flush=True)
     for stage, explicit in plan:
-        _run_stage(cfg, run_dir, manifest, stage, fps[stage], resume=resume or not explicit)
+        _run_stage(cfg, run_dir, manifest, stage, parts[stage], resume=resume or not explicit)
     print(f"[pipeline] finished in {time.time() - t_start:.1f}s", flush=True)
     if os.environ.get("KARD_PRINT_RESULTS", "1") == "1" and io.exists(run_dir.path("eval", "results.md")):
         print(io.read_bytes(run_dir.path("eval", "results.md")).decode(), flush=True)
     return manifest
+
+
+def status_table(cfg: KardConfig) -> str:
+    """The run's manifest as a Markdown table: per stage its status, time, counts, whether its fingerprint
+    matches `cfg` and why it would run again; then the results table when evaluation has run."""
+    run = io.RunDir(cfg.run_dir)
+    if not io.exists(run.manifest):
+        raise FileNotFoundError(f"{run.manifest} not found: is {run.root!r} a run directory written by `kard-ray distill`?")
+    manifest = load_manifest(run)
+    parts = fingerprint_parts(cfg)
+    lines = [f"# {run.root}", "", "| stage | status | seconds | counts | fingerprint | would rerun because |",
+             "|---|---|---|---|---|---|"]
+    for stage in STAGES:
+        entry = manifest["stages"].get(stage)
+        if entry is None:
+            needed = stage_needed(cfg, stage)
+            lines.append(f"| {stage} | {'not run' if needed else 'not needed'} | | | | {'never run' if needed else ''} |")
+            continue
+        counts = json.dumps(entry.get("counts", {}), default=str)
+        counts = counts if len(counts) <= 60 else counts[:57] + "..."
+        match = "current" if entry.get("fingerprint") == parts[stage]["fingerprint"] else "changed"
+        lines.append(f"| {stage} | {entry.get('status')} | {entry.get('seconds', '')} | `{counts}` | {match} | "
+                     f"{why_rerun(stage, entry, parts[stage])} |")
+    out = "\n".join(lines) + "\n"
+    results = run.path("eval", "results.md")
+    if io.exists(results):
+        out += "\n" + io.read_bytes(results).decode()
+    return out
+

@@ -51,6 +51,34 @@ def test_each_job_runs_its_stages_through_the_manifest(ray_session, tmp_path, ca
     out = capsys.readouterr().out
     for stage in done:
         assert f"{stage:10s} skipped" in out, out
+    check_status(run)
+
+
+def check_status(run: io.RunDir) -> None:
+    """`kard-ray status` on the finished run, as a path and as a file:// URI, and under a changed config."""
+    from contextlib import redirect_stdout
+    from io import StringIO
+
+    from kard_ray import cli
+
+    def status(*argv: str) -> dict[str, list[str]]:
+        buf = StringIO()
+        with redirect_stdout(buf):
+            assert cli.main(["status", *argv]) == 0
+        text = buf.getvalue()
+        assert "| kard_reranker |" in text  # the results table follows
+        return {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+                for line in text.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in STAGES}
+
+    for where in (run.root, f"file://{run.root}"):
+        rows = status(where)
+        assert list(rows) == STAGES and all(r[0] == "done" and r[3] == "current" and r[4] == "" for r in rows.values())
+    rows = status(run.root, "student.lr=0.5")
+    assert rows["student"][3] == "changed" and rows["student"][4] == "config (student, seed) changed"
+    assert rows["evaluate"][4] == "student changed" and rows["reranker"][3] == "current"
+
+
+STAGES = ["questions", "knowledge", "teacher", "examples", "mine", "reranker", "student", "evaluate"]
 
 
 def test_cli_overrides_anywhere_and_stage_names_checked(capsys):

@@ -93,7 +93,7 @@ def test_ddp_worker_failure_resumes_at_exact_step(ddp_run):
     assert spe < STEPS and [e["epoch"] for e in log] == [(e["step"] - 1) // spe for e in log]
 
 
-@pytest.mark.timeout(420)
+@pytest.mark.timeout(900)
 def test_ddp_interrupted_and_resumed_equals_uninterrupted(ddp_run, ray_session, synthetic_task, tiny_t5_dir,
                                                           tmp_path):
     """Exact resume on 2 workers: the run killed at step 15 and resumed from its step-10 checkpoint logs the
@@ -125,7 +125,7 @@ def test_deepspeed_zero2_trains_checkpoints_resumes_exports(ray_session, synthet
     _check_export_generates(out)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_one_worker_same_seed_same_loss_curve_and_exact_resume(ray_session, synthetic_task, tiny_t5_dir, tmp_path):
     """A seeded run reproduces: blocks reach the worker in a fixed order (DataConfig preserve_order), so
     the global shuffle and the batches are the same; another seed gives another order. The same run killed
