@@ -97,7 +97,8 @@ def list_files(path: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     out = []
     for fi in fs.get_file_info(pafs.FileSelector(p, recursive=True)):
         if fi.type == pafs.FileType.File and (not suffixes or fi.path.endswith(suffixes)):
-            rel = posixpath.relpath(fi.path, p) if is_uri(path) else os.path.relpath(fi.path, p)
+            # a URI's paths are strings, not this machine's (posixpath.relpath would consult the cwd)
+            rel = fi.path[len(p):].lstrip("/") if is_uri(path) else os.path.relpath(fi.path, p)
             if not os.path.basename(rel).startswith((".", "_")):
                 out.append(join(path, rel))
     return sorted(out)

@@ -226,7 +226,7 @@ class RayNodes:
         self.sessions.append(p.pid)  # start_new_session: the session id is the pid
 
     def start_head(self, num_cpus: float = 0, resources: dict | None = None, extra: list[str] = (),
-                   env: dict | None = None, attempts: int = 3) -> None:
+                   env: dict | None = None, attempts: int = 5) -> None:
         """Start the head and wait for its job server; started again if it exits (see add_worker)."""
         import signal
 
@@ -245,7 +245,7 @@ class RayNodes:
             self._kill_session(proc.pid, signal.SIGKILL)
         raise RuntimeError(f"the head node did not start in {attempts} attempts; see {self.root}/head.log")
 
-    def add_worker(self, name: str, num_cpus: float, resources: dict | None = None, attempts: int = 3) -> None:
+    def add_worker(self, name: str, num_cpus: float, resources: dict | None = None, attempts: int = 5) -> None:
         """Start a worker node and wait until the GCS lists it alive. On a loaded machine a raylet can give
         up waiting for its agents (15 s) and the node exits: it is started again, up to `attempts` times."""
         import signal
@@ -382,12 +382,13 @@ class RayNodes:
             time.sleep(every)
         raise TimeoutError(f"{what} not ready after {timeout:.0f} s")
 
-    def submit(self, entrypoint: list[str], working_dir: str) -> str:
+    def submit(self, entrypoint: list[str], working_dir: str | None) -> str:
         """`ray job submit --no-wait`; returns the job id."""
         import time
 
         for _ in range(30):  # the job agent registers a few seconds after the job server answers
-            r = self.ray("job", "submit", "--working-dir", working_dir, "--no-wait", "--", *entrypoint)
+            wd = ["--working-dir", working_dir] if working_dir else []
+            r = self.ray("job", "submit", *wd, "--no-wait", "--", *entrypoint)
             if r.returncode == 0 or "No available agent" not in r.stderr:
                 break
             time.sleep(3)
