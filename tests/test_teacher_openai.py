@@ -178,7 +178,12 @@ def test_killed_job_resumes_without_duplicates(ray_session, server, tmp_path, sy
     run = RunDir(str(tmp_path / "run"))
     io.write_table(pa.Table.from_pylist(qs, schema=schemas.QUESTIONS), run.questions("train"))
     address = ray_session.get_runtime_context().gcs_address
+    # The job runs the questions stage first (cli: generate-rationales = questions + teacher): it reads
+    # these questions from a file (the synthetic default would write the whole synthetic task instead).
+    qfile = tmp_path / "questions.jsonl"
+    qfile.write_text("".join(json.dumps(q) + "\n" for q in qs))
     config = {"run_dir": run.root, "resources": {"address": address},
+              "data": {"dataset": "synthetic", "train_path": str(qfile)},
               "teacher": _teacher_cfg(base_url, requests_per_second=4.0, max_concurrency=2, batch_size=2)}
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
@@ -262,23 +267,24 @@ def test_budget_stops_cleanly_and_a_higher_budget_continues(ray_session, server,
     assert 0 < len(written_q) < len(qs) and table.num_rows == 2 * len(written_q)  # whole questions only
     assert b["spent_usd"] == c["total_usd"] and b["spent_usd"] <= limit * 1.25
     assert c["per_row_usd"] > 0 and c["per_question_usd"] > 0 and c["priced_rows"] == table.num_rows
-    served = {e["question"] for e in _log_entries(log, start) if e["status"] == 200 and not e.get("slow")}
-    asked = {e["question"] for e in _log_entries(log, start)}
     text_of = {q["question"]: q["id"] for q in qs}
+    mine = lambda entries: [e for e in entries if e.get("question") in text_of]  # noqa: E731  (this test's)
+    served = {e["question"] for e in mine(_log_entries(log, start)) if e["status"] == 200 and not e.get("slow")}
+    asked = {e["question"] for e in mine(_log_entries(log, start))}
     assert {text_of[x] for x in served} == written_q and {text_of[x] for x in asked} == written_q
 
     # the same budget again: nothing left to afford, nothing requested
     mark = len(_log_entries(log))
     again = generate_rationales(cfg, run)
     assert again["this_run"]["rows_written"] == 0 and again["budget"]["stopped"]
-    assert [e for e in _log_entries(log, mark) if not e.get("slow")] == []
+    assert [e for e in mine(_log_entries(log, mark)) if not e.get("slow")] == []
 
     # a higher budget continues with the missing questions only
     cfg = config_from_dict({"run_dir": run.root, "teacher": {**teacher, "max_cost_usd": limit * 10}})
     done = generate_rationales(cfg, run)
     assert done["n_rationales"] == 24 and not done["budget"]["stopped"]
     assert done["this_run"]["rows_skipped"] == table.num_rows
-    served_now = {text_of[e["question"]] for e in _log_entries(log, mark) if e["status"] == 200 and not e.get("slow")}
+    served_now = {text_of[e["question"]] for e in mine(_log_entries(log, mark)) if e["status"] == 200 and not e.get("slow")}
     assert served_now == {q["id"] for q in qs} - written_q
     assert done["cost"]["total_usd"] > b["spent_usd"]
 

@@ -289,6 +289,11 @@ def generate_rationales(cfg: KardConfig, run: RunDir) -> dict:
                          "rows_retried": retried, "rows_repaired": repaired, "waves": waves,
                          "seconds": round(time.time() - t0, 2)}
     io.write_json(run.path("rationales_stats.json"), stats)
+    _log_summary(stats)
+    return stats
+
+
+def _log_summary(stats: dict) -> None:
     c = stats["cost"]
     _log(f"{stats['n_rationales']} rationales for {stats['questions_with_rationales']} questions; parse rate "
          f"{stats['parse_rate']:.2%}, agreement {stats['agreement_rate']:.2%}, kept {stats['consistency_rate']:.2%}; "
@@ -298,7 +303,6 @@ def generate_rationales(cfg: KardConfig, run: RunDir) -> dict:
              + (f"${c['per_kept_rationale_usd']:.6f} per kept rationale, " if c["per_kept_rationale_usd"] else "no kept rationale, ")
              + f"${c['per_question_usd']:.6f} per question "
              f"({stats['prompt_tokens']} prompt + {stats['completion_tokens']} completion tokens)")
-    return stats
 
 
 def _final_stats(cfg: KardConfig, store: RationaleStore, questions: list[dict]) -> dict:
