@@ -8,12 +8,14 @@
 
 POST /v1/answer {question, options[], k?, candidates?, return_passages?} ->
 {answer_index, answer_letter, answer_text, rationale, generation, method, passages[], timings_ms};
-POST /v1/retrieve; GET /healthz, /readyz; OpenAPI at /docs.
+POST /v1/retrieve; POST /v1/chat/completions and GET /v1/models (OpenAI, `stream: true` as SSE);
+POST /v1/rerank (Cohere/Jina shape); GET /healthz, /readyz; OpenAPI at /docs. Bounded queues answer
+overload with 503 + Retry-After (kard_ray.serve.proxy), SIGTERM drains (app.drain).
 """
 
 from kard_ray.serve.api import Limits, request_models, split_rationale
-from kard_ray.serve.app import (APP_NAME, DEPLOYMENTS, app_from_config, build_app, deployment_options,
+from kard_ray.serve.app import (APP_NAME, DEPLOYMENTS, app_from_config, build_app, deployment_options, drain,
                                 load_run_config, served_method, serve_run_dir, start)
 
-__all__ = ["APP_NAME", "DEPLOYMENTS", "Limits", "app_from_config", "build_app", "deployment_options",
+__all__ = ["APP_NAME", "DEPLOYMENTS", "Limits", "app_from_config", "build_app", "deployment_options", "drain",
            "load_run_config", "request_models", "served_method", "serve_run_dir", "split_rationale", "start"]
