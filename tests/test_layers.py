@@ -45,8 +45,9 @@ def unit_of(module: str) -> str | None:
     return parts[1] if len(parts) > 1 else "__init__"
 
 
-def imports_of(path: Path, module: str) -> list[tuple[str, int]]:
-    """(imported kard_ray module, line) of every import statement in the file, lazy ones included."""
+def imports_of(path: Path, module: str, modules: frozenset = frozenset()) -> list[tuple[str, int]]:
+    """(imported kard_ray module, line) of every import statement in the file, lazy ones included.
+    `from package import submodule` counts as importing the submodule (when `modules` lists it)."""
     tree = ast.parse(path.read_text(), str(path))
     out = []
     for node in ast.walk(tree):
@@ -58,7 +59,9 @@ def imports_of(path: Path, module: str) -> list[tuple[str, int]]:
                 name = ".".join(base + ([node.module] if node.module else []))
             else:
                 name = node.module or ""
-            out.append((name, node.lineno))
+            for a in node.names:
+                sub = f"{name}.{a.name}"
+                out.append((sub if sub in modules else name, node.lineno))
     return [(n, line) for n, line in out if n.startswith("kard_ray")]
 
 
@@ -91,7 +94,8 @@ def violations(root: Path = PACKAGE) -> list[str]:
 def module_cycles(root: Path = PACKAGE) -> list[list[str]]:
     """Import cycles between modules (Tarjan's strongly connected components of size > 1)."""
     mods = package_modules(root)
-    graph = {m: {t for t, _ in imports_of(p, m) if t in mods and t != m} for m, p in mods.items()}
+    names = frozenset(mods)
+    graph = {m: {t for t, _ in imports_of(p, m, names) if t in mods and t != m} for m, p in mods.items()}
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
 
     def visit(v):
