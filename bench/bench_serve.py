@@ -185,7 +185,9 @@ def load_table(rep, run_dir: str, levels=LOAD_LEVELS) -> dict:
             while not flood.done() and len(refusals) < 3:
                 resp = side.post(url, json=body)
                 if resp.status_code != 200:
-                    refusals.append((resp.status_code, resp.headers.get("retry-after"), resp.json().get("error")))
+                    kind = resp.json().get("error") if resp.headers.get("content-type", "").startswith(
+                        "application/json") else f"non-JSON body {resp.text[:40]!r}"
+                    refusals.append((resp.status_code, resp.headers.get("retry-after"), kind))
             flood.result()
     finally:
         serve.shutdown()
@@ -227,6 +229,10 @@ def main(argv: list[str] | None = None) -> dict:
     levels = [int(c) for c in args.concurrency.split(",")]
     data = common.data_dir(args.data, (common.PASSAGES_FILE, "train.jsonl", "test.jsonl"))
     rep = common.Report("serve", args)
+    from kard_ray.serve import proxy
+
+    # Before Ray starts, so its HTTP proxy answers overload refusals in JSON (as `kard-ray serve` does).
+    os.environ.setdefault(proxy.CALLBACK_ENV, proxy.CALLBACK)
     if args.load_only:
         if not args.load_run:
             p.error("--load-only needs --load-run RUN_DIR")
