@@ -44,6 +44,21 @@ def start_s3() -> tuple[object, str]:
     return server, endpoint
 
 
+def start_ray(attempts: int = 3) -> None:
+    """One local Ray for both runs; on a loaded machine a node's agents can miss the raylet's 15 s
+    start-up window, so the start is retried."""
+    import ray
+
+    for attempt in range(attempts):
+        try:
+            ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a start-up timeout
+            print(f"ray.init attempt {attempt + 1} failed: {e}", file=sys.stderr)
+            ray.shutdown()
+    raise RuntimeError("could not start a local Ray")
+
+
 def run_once(run_dir: str, args) -> dict[str, float]:
     from kard_ray import pipeline
     from kard_ray.config import load_config
@@ -67,6 +82,7 @@ def main() -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     server, endpoint = start_s3()
+    start_ray()
     try:
         local = run_once(tempfile.mkdtemp(prefix="kard_bench_local_"), args)
         s3 = run_once("s3://bench/run", args)
