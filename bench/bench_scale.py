@@ -172,8 +172,15 @@ def bench_dense(rep, run, args) -> None:
     from kard_ray.config import DenseConfig
     from kard_ray.knowledge.dense import build_faiss_from_parquet, embed_passages
 
-    f = io.list_files(run.passages, suffixes=(".parquet",))[0]
-    sample = pq.read_table(f).slice(0, args.dense_sample)
+    parts, got = [], 0
+    for f in io.list_files(run.passages, suffixes=(".parquet",)):  # ingest writes many small files
+        parts.append(pq.read_table(f))
+        got += parts[-1].num_rows
+        if got >= args.dense_sample:
+            break
+    import pyarrow as pa
+
+    sample = pa.concat_tables(parts).slice(0, args.dense_sample)
     sdir = run.path("dense_sample")
     shutil.rmtree(sdir, ignore_errors=True)
     os.makedirs(sdir)
@@ -183,6 +190,7 @@ def bench_dense(rep, run, args) -> None:
                       embed_block_rows=2048, index_type="ivfpq", pq_m=64, nlist=256, nprobe=32, recall_queries=200)
     emb = run.path("dense_sample_emb")
     st, dt = common.timed(lambda: embed_passages(sdir, emb, cfg))
+    rep.fig("dense sample passages", sample.num_rows)
     rep.fig("dense embed passages/s (tiny encoder, 1 actor, incl. start-up)", round(sample.num_rows / dt, 1), "p/s")
     fst = build_faiss_from_parquet(emb, run.path("dense_sample_ivfpq"), cfg)
     rep.fig("ivfpq build s (sample)", fst["faiss_build_s"], "s")
