@@ -31,7 +31,9 @@ from kard_ray import io
 
 REPO = Path(__file__).resolve().parents[1]
 
-MAX_STEPS, CKPT_EVERY, LOG_EVERY = 150, 30, 5
+# Long enough that the standby node `c` (started once training begins; 15-120 s here) is up well before the
+# student finishes on an idle machine (~2 steps/s): at 150 steps an idle run finished before `c` came up.
+MAX_STEPS, CKPT_EVERY, LOG_EVERY = 450, 30, 5
 
 
 def _s3_files(uri: str) -> list[str]:
