@@ -11,11 +11,8 @@ actor's resident memory is the index, not the corpus, and actors on one node sha
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
-import tempfile
 from typing import Iterable
 
 import numpy as np
@@ -50,29 +47,13 @@ def publish_dir(local: str, dest: str) -> None:
 
 
 def local_dir(path: str) -> str:
-    """A local directory with the files of `path`: the path itself, or a cached copy of a URI."""
+    """A local directory with the files of `path`: the path itself, or a cached copy of a URI
+    (`io.local_copy`: keyed by the remote listing with ETags, so a rewritten index is never served stale)."""
     if not io.is_uri(path):
         if not os.path.isdir(path):
             raise FileNotFoundError(f"index directory not found: {path}")
         return path
-    fs, inner = io.resolve(path)
-    infos = [i for i in fs.get_file_info(pafs.FileSelector(inner, recursive=True)) if i.type == pafs.FileType.File]
-    if not infos:
-        raise FileNotFoundError(f"index directory not found or empty: {path}")
-    stamp = json.dumps(sorted((i.path, i.size, str(i.mtime)) for i in infos)).encode()
-    cache_root = os.environ.get("KARD_INDEX_CACHE", os.path.join(tempfile.gettempdir(), "kard_ray_index_cache"))
-    target = os.path.join(cache_root, hashlib.sha1(path.encode()).hexdigest()[:16], hashlib.sha1(stamp).hexdigest()[:16])
-    if not os.path.exists(os.path.join(target, ".complete")):
-        tmp = f"{target}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        pafs.copy_files(inner, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-        open(os.path.join(tmp, ".complete"), "w").close()
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process on this node finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return io.local_copy(path)
 
 
 class PassageStore:
