@@ -452,3 +452,23 @@ def ray_cluster(s3_server):
     finally:
         left = nodes.shutdown()
         assert not left, f"processes of the test cluster still running: {left}"
+
+
+def wait_for_health(proc, url: str, timeout_s: float, name: str, output) -> None:
+    """Poll `url` until it answers 200; fail naming `name` with the tail of `output()` if `proc` exits or
+    `timeout_s` passes first (shared by the tests that start an HTTP server in a subprocess)."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"{name} did not start: {output()[-2000:]}")
+        time.sleep(0.3)

@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pyarrow as pa
 import pytest
+from conftest import wait_for_health
 import yaml
 
 from kard_ray import io
@@ -47,17 +47,7 @@ def server(tmp_path_factory, tiny_t5_dir):
                              "--port", str(port), "--log", str(log), "--api-key-env", KEY_ENV, "--slow-s", "1.5"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"test server did not start: {proc.stderr.read().decode()[-2000:]}")
-        time.sleep(0.3)
+    wait_for_health(proc, base + "/health", 120, "test server", lambda: proc.stderr.read().decode())
     yield base + "/v1", log
     proc.terminate()
     proc.wait(timeout=20)

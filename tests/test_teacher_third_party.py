@@ -10,11 +10,10 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 
-import httpx
 import pyarrow as pa
 import pytest
+from conftest import wait_for_health
 
 from kard_ray import io
 from kard_ray.config import config_from_dict
@@ -86,17 +85,7 @@ def hf_server(tiny_llama_chat, tmp_path_factory):
                                  "--device", "cpu", "--log-level", "warning"], stdout=fh, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 240
-    while True:
-        try:
-            if httpx.get(base + "/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail(f"transformers serve did not start: {log.read_text()[-2000:]}")
-        time.sleep(0.5)
+    wait_for_health(proc, base + "/health", 240, "transformers serve", log.read_text)
     yield base + "/v1", proc
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
