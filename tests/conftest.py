@@ -472,3 +472,20 @@ def wait_for_health(proc, url: str, timeout_s: float, name: str, output) -> None
             proc.kill()
             pytest.fail(f"{name} did not start: {output()[-2000:]}")
         time.sleep(0.3)
+
+
+def slice_passages(shared_data, limit=None) -> list[dict]:
+    """The Wikipedia slice's non-empty passages, each id once (as ingest keeps them), at most `limit`."""
+    import gzip
+    import json
+
+    rows, seen = [], set()
+    with gzip.open(shared_data / "wiki_passages.jsonl.gz", "rt", encoding="utf-8") as fh:
+        for line in fh:
+            r = json.loads(line)
+            if (r.get("text") or "").strip() and r["id"] not in seen:
+                seen.add(r["id"])
+                rows.append({"id": str(r["id"]), "title": r.get("title") or "", "text": r["text"]})
+                if limit and len(rows) >= limit:
+                    break
+    return rows

@@ -4,8 +4,6 @@ streaming keeps recall@10 >= 0.9 of exact search on the Wikipedia slice."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 import signal
 import subprocess
@@ -18,24 +16,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import slice_passages
 
 from kard_ray import io
 from kard_ray.config import DenseConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _slice_passages(shared_data, limit=None) -> list[dict]:
-    rows, seen = [], set()
-    with gzip.open(shared_data / "wiki_passages.jsonl.gz", "rt", encoding="utf-8") as fh:
-        for line in fh:
-            r = json.loads(line)
-            if (r.get("text") or "").strip() and r["id"] not in seen:
-                seen.add(r["id"])
-                rows.append({"id": str(r["id"]), "title": r.get("title") or "", "text": r["text"]})
-                if limit and len(rows) >= limit:
-                    break
-    return rows
 
 
 def _write_passages(rows, path, n_files=3):
@@ -58,7 +44,7 @@ def _journal_counts(emb_dir: str) -> Counter:
 def test_killed_embedding_job_resumes_and_embeds_each_passage_once(ray_session, shared_data, tmp_path, tiny_bert_dir):
     from kard_ray.knowledge.dense import Encoder, embed_passages
 
-    rows = _slice_passages(shared_data, limit=1500)
+    rows = slice_passages(shared_data, limit=1500)
     passages = str(tmp_path / "passages")
     emb = str(tmp_path / "embeddings")
     _write_passages(rows, passages)
@@ -122,7 +108,7 @@ def test_ivfpq_recall_at_10_vs_exact_is_reported(ray_session, shared_data, tmp_p
     pq_m=16 0.12 (README: the 0.9 target needs a trained encoder; not met here)."""
     from kard_ray.knowledge.dense import DenseIndex, _iter_embeddings, build_faiss_from_parquet, embed_passages, exact_topk
 
-    rows = _slice_passages(shared_data, limit=4000)
+    rows = slice_passages(shared_data, limit=4000)
     passages, emb = str(tmp_path / "passages"), str(tmp_path / "embeddings")
     _write_passages(rows, passages)
     cfg = DenseConfig(encoder=tiny_bert_dir, index_type="ivfpq", pq_m=64, nlist=64, nprobe=32, num_actors=1,

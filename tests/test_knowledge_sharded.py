@@ -8,14 +8,13 @@ actors) returns what batch `retrieve` (a Ray Data stage sharing one set of shard
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import slice_passages
 
 from kard_ray import io
 from kard_ray.config import BM25Config, KnowledgeConfig
@@ -28,13 +27,7 @@ K = 10
 def slice_run(shared_data, tmp_path_factory):
     """The slice's passages (non-empty, as ingest keeps them) written as a run's passages: 4 parquet
     files of uneven size, so shards cut across files."""
-    rows, seen = [], set()
-    with gzip.open(shared_data / "wiki_passages.jsonl.gz", "rt", encoding="utf-8") as fh:
-        for line in fh:
-            r = json.loads(line)
-            if (r.get("text") or "").strip() and r["id"] not in seen:
-                seen.add(r["id"])
-                rows.append({"id": str(r["id"]), "title": r.get("title") or "", "text": r["text"]})
+    rows = slice_passages(shared_data)
     run = io.RunDir(str(tmp_path_factory.mktemp("sharded") / "run"))
     io.makedirs(run.passages)
     cuts = [0, 1000, 6000, 6100, len(rows)]
