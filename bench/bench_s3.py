@@ -1,7 +1,7 @@
 """S3 storage vs local disk on the demo's stages: the same test-size run twice in one local Ray, run_dir on
 local disk, then on S3 (a moto server on 127.0.0.1, reached through pyarrow like any S3 endpoint).
 
-    python bench/bench_s3.py [--entities 40] [--steps 60] [--out bench/results/s3.json]
+    python bench/bench_s3.py [--entities 40] [--steps 60] [--out bench/results/s3.json] [--smoke]
 
 Prints seconds per stage for both and the ratio S3 / local. The S3 server runs in this process on
 loopback, so the figure is kard-ray's own overhead of object storage (Ray Data writing parquet through
@@ -80,7 +80,10 @@ def main() -> int:
     p.add_argument("--entities", type=int, default=40)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true", help="a tiny run (12 entities, 20 steps): the script works")
     args = p.parse_args()
+    if args.smoke:
+        args.entities, args.steps = 12, 20
     server, endpoint = start_s3()
     start_ray()
     try:
