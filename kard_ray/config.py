@@ -418,20 +418,25 @@ class EvalConfig:
     decoding: Literal["greedy", "sample"] = _f("greedy", "Greedy decoding, or sampling with self-consistency.")
     n_votes: int = _f(5, "Samples per question for self-consistency (decoding=sample).")
     temperature: float = _f(0.7, "Sampling temperature (decoding=sample).")
-    max_new_tokens: int = _f(128, "Tokens generated per rationale.")
+    max_new_tokens: Optional[int] = _f(None, "Tokens generated per rationale; null: what the student's training targets "
+                                            "need (their 99th-percentile token length + 8, recorded in the model's "
+                                            "kard_generation.json).")
     k: int = _f(1, "Passages given to the student at inference.")
     batch_size: int = _f(16, "Questions per generate() call.")
     num_actors: int = _f(1, "Actors holding the student.")
     num_cpus_per_actor: float = _f(1.0, "CPUs each student actor reserves.")
     num_gpus_per_actor: float = _f(0.0, "GPUs each student actor reserves.")
-    score_by: Literal["letter", "text", "letter_or_text"] = _f(
-        "letter_or_text", "How a prediction is read: the stated letter, the option text named last, or the letter then text.")
+    score_by: Literal["letter", "text", "letter_or_text", "likelihood"] = _f(
+        "letter_or_text", "How a prediction becomes an answer: the stated letter, the option text stated last, the letter "
+                          "then text, or likelihood (rank classification: after the generated rationale, the option "
+                          "whose answer line the student finds likeliest; every question gets an answer). The "
+                          "parsed answer's accuracy is reported beside it either way.")
     oracle: bool = _f(True, "Also evaluate retrieval by a test-time teacher rationale when one exists.")
     oracle_rationales_path: Optional[str] = _f(None, "Test-time teacher rationales ({id, rationales} JSONL) for the oracle mode; the synthetic task has its own.")
 
     def __post_init__(self):
         _check(self.n_votes >= 1, "eval.n_votes", "must be >= 1")
-        _check(self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1")
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1 or null")
         _check(self.k >= 1, "eval.k", "must be >= 1")
         _check(self.batch_size >= 1 and self.num_actors >= 1, "eval", "batch_size and num_actors must be >= 1")
 

@@ -1,5 +1,6 @@
-"""Test-time pieces shared by evaluation and Serve (kard_ray.inference): the method table's recipes and
-self-consistency sampling that does not depend on what else is in the batch."""
+"""Test-time pieces shared by evaluation and Serve (kard_ray.inference): the method table's recipes,
+self-consistency sampling that does not depend on what else is in the batch, truncation that is
+counted, the token limit the training targets call for, and likelihood (rank-classification) scoring."""
 
 from __future__ import annotations
 
@@ -40,3 +41,95 @@ def test_sampled_votes_do_not_depend_on_batch_composition(tiny_t5_dir):
     other = StudentGenerator(tiny_t5_dir, "synthetic", max_new_tokens=6, decoding="sample", n_votes=3,
                              temperature=1.5, seed=1, device="cpu")
     assert samples([0, 1, 2], other) != full  # the seed matters
+
+
+def _fit(model_dir: str, out_dir: str, source: str, target: str, steps: int = 40) -> str:
+    """The tiny T5 taught one (source, target) pair by plain teacher forcing; saved to out_dir."""
+    import torch
+
+    from kard_ray.models import load_seq2seq, load_tokenizer
+
+    tok, model = load_tokenizer(model_dir), load_seq2seq(model_dir)
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    enc, lab = tok([source], return_tensors="pt"), tok([target], return_tensors="pt").input_ids
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**enc, labels=lab).loss.backward()
+        opt.step()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return out_dir
+
+
+@pytest.mark.timeout(300)
+def test_likelihood_scoring_ranks_options_by_the_students_own_loss(tiny_t5_dir, tmp_path):
+    import torch
+
+    from kard_ray.inference.formats import encode_sources, format_target
+    from kard_ray.inference.generator import StudentGenerator
+
+    q, opts = "What is the main export of Brax?", ["salt", "tin", "wool"]
+    probe = StudentGenerator(tiny_t5_dir, "synthetic", max_new_tokens=4, device="cpu")
+    source = probe.source(q, opts, ["Brax . Brax exports tin."])
+    # KARD: a student taught "... tin.\nAnswer: B" picks B after its own rationale, even from a
+    # generation whose answer line was cut off; FT: a student taught "wool\nAnswer: C" picks C.
+    kard_dir = _fit(tiny_t5_dir, str(tmp_path / "kard"), source, format_target("Brax exports tin.", "B"))
+    kard = StudentGenerator(kard_dir, "synthetic", max_new_tokens=4, score_by="likelihood", device="cpu")
+    ids = encode_sources(kard.tokenizer, [source], kard.max_source_length)[0]
+    assert kard.likelihood_choice(ids, opts, "Brax exports tin.\nAns") == 1
+    # the scores are the model's summed log-likelihood of each whole target (checked against its loss)
+    targets = [format_target("Brax exports tin.", letter) for letter in "ABC"]
+    scores = kard.option_loglikelihoods(ids, targets)
+    for t, sc in zip(targets, scores):
+        lab = kard.tokenizer([t], return_tensors="pt").input_ids
+        with torch.no_grad():
+            loss = kard.model(input_ids=torch.tensor([ids]), labels=lab).loss
+        assert abs(-loss.item() * lab.shape[1] - sc) < 1e-3 * max(1.0, abs(sc))
+    ft_source = probe.source(q, opts, None)
+    ft_dir = _fit(tiny_t5_dir, str(tmp_path / "ft"), ft_source, format_target(None, "C", "wool"))
+    ft = StudentGenerator(ft_dir, "synthetic", max_new_tokens=2, score_by="likelihood", device="cpu", variant="ft")
+    preds = ft.predict([q, "Which river runs through Dorn?"], [opts, ["Ul", "Oro"]], [None, None])
+    assert preds[0].pred_index == 2  # 2 new tokens: no readable answer, yet likelihood answers
+    assert all(p.pred_index >= 0 for p in preds)  # every question gets an answer
+
+
+@pytest.mark.timeout(300)
+def test_truncation_is_flagged_and_the_token_limit_comes_from_the_training_targets(tiny_t5_dir, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+
+    from kard_ray.evaluation.evaluate import method_metrics, truncation_warning
+    from kard_ray.inference.generator import GENERATION_DEFAULTS, StudentGenerator, write_generation_defaults
+
+    from kard_ray.inference.formats import format_target
+
+    q, opts = "What is the main export of Brax?", ["salt", "tin"]
+    source = StudentGenerator(tiny_t5_dir, "synthetic", max_new_tokens=2, device="cpu").source(q, opts, None)
+    taught = _fit(tiny_t5_dir, str(tmp_path / "taught"), source, format_target("Brax exports tin.", "B"), steps=60)
+    short = StudentGenerator(taught, "synthetic", max_new_tokens=3, device="cpu")
+    long = StudentGenerator(taught, "synthetic", max_new_tokens=40, device="cpu")
+    (cut,), (whole,) = short.predict([q], [opts], [None]), long.predict([q], [opts], [None])
+    assert whole.generation == "Brax exports tin.\nAnswer: B" and not whole.truncated  # ended by its EOS
+    assert cut.truncated and whole.generation.startswith(cut.generation)
+    # null max_new_tokens: the 99th percentile of the targets' lengths + 8, from the model directory
+    model_dir = str(tmp_path / "student")
+    shutil.copytree(tiny_t5_dir, model_dir)
+    with pytest.raises(FileNotFoundError, match="eval.max_new_tokens"):
+        StudentGenerator(model_dir, "synthetic", max_new_tokens=None, device="cpu")
+    info = write_generation_defaults(model_dir, list(range(1, 101)))
+    assert info["target_tokens_p99"] == 100 and info["max_new_tokens"] == 108
+    assert (tmp_path / "student" / GENERATION_DEFAULTS).exists()
+    assert StudentGenerator(model_dir, "synthetic", max_new_tokens=None, device="cpu").max_new_tokens == 108
+    assert StudentGenerator(model_dir, "synthetic", max_new_tokens=7, device="cpu").max_new_tokens == 7
+    # the results count truncated and unreadable generations, and warn past 5%
+    n = 20
+    table = pa.table({"correct": [True] * 10 + [False] * 10, "pred_index": [1] * 10 + [-1] * 10,
+                      "pred_letter_index": [1] * 10 + [-1] * 10, "pred_text_index": [-1] * n,
+                      "parsed_index": [1] * 10 + [-1] * 10, "answer": [1] * n, "truncated": [False] * 18 + [True] * 2})
+    m = method_metrics(table)
+    assert (m["truncated"], m["unreadable"], m["answered"], m["parsed_accuracy"]) == (2, 10, 10, 0.5)
+    warning = truncation_warning("kard_bm25", m, 40)
+    assert warning and "2/20" in warning and "eval.max_new_tokens=40" in warning
+    assert truncation_warning("kard_bm25", dict(m, truncated=1), 40) is None

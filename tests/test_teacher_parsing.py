@@ -164,3 +164,23 @@ def test_few_shot_file(tmp_path):
     p.write_text(json.dumps({"question": "Q1?", "options": ["yes", "no"], "answer": 5, "rationale": "R"}) + "\n")
     with pytest.raises(ValueError, match=r"shots.jsonl:1: field 'answer': index 5 out of range"):
         load_few_shot(str(p), "strategyqa", 1)
+
+
+OPTS4 = ["violin", "accordion", "drum", "flute"]
+
+
+@pytest.mark.parametrize("generation, letter, text", [
+    # cut at max_new_tokens right after the answer sentence (the fragment "A" is not an answer)
+    ("Jan plays music. So the answer is (B) accordion.\nA", 1, 1),
+    ("Jan plays music. So the answer is (B) accordion.\nAnsw", 1, 1),
+    ("Jan plays the accordion. So the answer is accordion.\nAnswer: B\nAnswer: C\nAns", 2, 1),  # last line wins
+    ("the answer is (B) accordion. the answer is (C) drum\nAnsw", 2, 2),  # the last statement wins
+    ("Jan plays the accordion in a band. He also", None, 1),  # the fragment after the last sentence is ignored
+    ("accordion\nAnswer: B", 1, 1),  # FT's target
+    ("accordion\nAnsw", None, 1),
+    ("So the answer is accordion. Answer: B. The answer is", 1, 1),  # trailing junk
+    ("Answer: B", 1, None),
+    ("the the the", None, None),
+])
+def test_parse_prediction_reads_the_stated_answer_wherever_it_stands(generation, letter, text):
+    assert parse_prediction(generation, OPTS4) == {"letter": letter, "text": text}

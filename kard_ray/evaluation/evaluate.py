@@ -18,7 +18,7 @@ from kard_ray import io
 from kard_ray.config import KardConfig
 from kard_ray.data.stage import test_rationales_path
 from kard_ray.inference.formats import question_query
-from kard_ray.inference.generator import StudentGenerator
+from kard_ray.inference.generator import StudentGenerator, resolve_max_new_tokens
 from kard_ray.inference.passages import passages_for
 from kard_ray.methods import METHODS
 
@@ -42,7 +42,7 @@ class PredictBatch:
         self.generator = StudentGenerator(
             model_dir, dataset, max_new_tokens=eval_cfg["max_new_tokens"], decoding=eval_cfg["decoding"],
             n_votes=eval_cfg["n_votes"], temperature=eval_cfg["temperature"], max_source_length=max_source_length,
-            score_by=eval_cfg["score_by"], seed=seed)
+            score_by=eval_cfg["score_by"], seed=seed, variant=METHODS[method].variant)
 
     def __call__(self, batch: dict) -> dict:
         from kard_ray.knowledge import format_passage
@@ -66,6 +66,8 @@ class PredictBatch:
             "pred_index": [p.pred_index for p in preds],
             "pred_letter_index": [p.pred_letter_index for p in preds],
             "pred_text_index": [p.pred_text_index for p in preds],
+            "parsed_index": [p.parsed_index for p in preds],
+            "truncated": [p.truncated for p in preds],
             "answer": answers,
             "correct": [p.pred_index == a for p, a in zip(preds, answers)],
         }
@@ -107,19 +109,36 @@ def predict_method(cfg: KardConfig, run: io.RunDir, method: str) -> str:
     return out
 
 
+TRUNCATED_WARN_SHARE = 0.05
+
+
 def method_metrics(predictions: pa.Table) -> dict:
+    """Accuracy under eval.score_by, plus what tells a reader whether to trust it: the accuracy of the
+    answer the generation states (`parsed_accuracy`), how many generations state none (`unreadable`)
+    and how many hit max_new_tokens (`truncated`)."""
     n = predictions.num_rows
-    correct = int(np.sum(predictions.column("correct").to_numpy(zero_copy_only=False)))
+    col = lambda name: predictions.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+    correct = int(np.sum(col("correct")))
     lo, hi = wilson_interval(correct, n)
-    letter = predictions.column("pred_letter_index").to_numpy()
-    text = predictions.column("pred_text_index").to_numpy()
+    letter, text, parsed, answer = col("pred_letter_index"), col("pred_text_index"), col("parsed_index"), col("answer")
     both = (letter >= 0) & (text >= 0)
     return {
         "n": n, "correct": correct, "accuracy": correct / n if n else 0.0, "ci95": [lo, hi],
-        "answered": int(np.sum(predictions.column("pred_index").to_numpy() >= 0)),
+        "answered": int(np.sum(col("pred_index") >= 0)),
+        "parsed_accuracy": float(np.mean(parsed == answer)) if n else 0.0,
+        "unreadable": int(np.sum(parsed < 0)), "truncated": int(np.sum(col("truncated"))),
         "letter_parsed": int(np.sum(letter >= 0)), "text_parsed": int(np.sum(text >= 0)),
         "letter_text_disagree": int(np.sum(both & (letter != text))),
     }
+
+
+def truncation_warning(method: str, m: dict, max_new_tokens: int) -> str | None:
+    """The console warning when more than 5% of a method's generations hit the token limit."""
+    if not m["n"] or m["truncated"] / m["n"] <= TRUNCATED_WARN_SHARE:
+        return None
+    return (f"[evaluate] WARNING {method}: {m['truncated']}/{m['n']} generations hit eval.max_new_tokens="
+            f"{max_new_tokens} before their end (truncated; {m['unreadable']} state no answer). Raise "
+            f"eval.max_new_tokens, or set it to null to use what the training targets need.")
 
 
 def methods_to_evaluate(cfg: KardConfig, run: io.RunDir) -> list[str]:
@@ -138,9 +157,14 @@ def evaluate(cfg: KardConfig, run: io.RunDir) -> dict:
         m = method_metrics(io.read_table(out))
         m["retrieval"] = METHODS[method].retrieval
         m["seconds"] = round(time.time() - t0, 1)
+        m["max_new_tokens"] = resolve_max_new_tokens(run.model(METHODS[method].student), cfg.eval.max_new_tokens)
         metrics["methods"][method] = m
         print(f"[evaluate] {method:14s} accuracy {m['accuracy']:.3f} "
-              f"(95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, n={m['n']}) in {m['seconds']}s", flush=True)
+              f"(95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, n={m['n']}; parsed {m['parsed_accuracy']:.3f}, "
+              f"unreadable {m['unreadable']}, truncated {m['truncated']}) in {m['seconds']}s", flush=True)
+        warning = truncation_warning(method, m, m["max_new_tokens"])
+        if warning:
+            print(warning, flush=True)
     io.write_json(run.path("eval", "metrics.json"), metrics)
     table = results_table(metrics, cfg)
     io.write_bytes(run.path("eval", "results.md"), table.encode())
@@ -150,11 +174,12 @@ def evaluate(cfg: KardConfig, run: io.RunDir) -> dict:
 
 def results_table(metrics: dict, cfg: KardConfig) -> str:
     lines = [f"# Results ({cfg.data.dataset}, test split, scored by {metrics['score_by']}, {metrics['decoding']} decoding)", "",
-             "| method | retrieval | accuracy | 95% CI | n | answered | letter≠text |",
-             "|---|---|---|---|---|---|---|"]
+             "| method | retrieval | accuracy | 95% CI | parsed answer | n | answered | unreadable | truncated | letter≠text |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in metrics["methods"].items():
         lines.append(f"| {name} | {m['retrieval']} | {100 * m['accuracy']:.1f} | {100 * m['ci95'][0]:.1f}–{100 * m['ci95'][1]:.1f}"
-                     f" | {m['n']} | {m['answered']} | {m['letter_text_disagree']} |")
+                     f" | {100 * m['parsed_accuracy']:.1f} | {m['n']} | {m['answered']} | {m['unreadable']}"
+                     f" | {m['truncated']} (limit {m['max_new_tokens']}) | {m['letter_text_disagree']} |")
     return "\n".join(lines) + "\n"
 
 

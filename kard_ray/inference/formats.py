@@ -5,6 +5,7 @@ target strings, their suffix-preserving tokenisation, and the one stable top-k o
     top_k(scores, k)                                 best first; ties keep retrieval order
     format_source(q, options, passages, dataset)     the student's input (KARD.md §3)
     format_target(rationale, letter, answer_text)    the student's training target
+    generation_rationale(generation)                 the rationale part of a generated target
     encode_sources(tokenizer, sources, max_length)   truncation shared by training and inference
 
 The passage string ("Title . text") is the knowledge layer's `kard_ray.knowledge.format_passage`.
@@ -13,6 +14,7 @@ Training imports these from here; nothing here imports training.
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Optional, Sequence
 
@@ -91,8 +93,21 @@ def format_target(rationale: str | None, answer_letter: str, answer_text: str | 
     are scored by text, KARD.md §5). Without `answer_text` it is just "Answer: {letter}".
     """
     if rationale is None:
-        return f"{answer_text.strip()}\nAnswer: {answer_letter}" if answer_text else f"Answer: {answer_letter}"
-    return f"{rationale.strip()}\nAnswer: {answer_letter}"
+        return f"{answer_text.strip()}{ANSWER_LINE}{answer_letter}" if answer_text else f"Answer: {answer_letter}"
+    return f"{rationale.strip()}{ANSWER_LINE}{answer_letter}"
+
+
+ANSWER_LINE = "\nAnswer: "
+
+
+def generation_rationale(generation: str) -> str:
+    """The rationale of a generated target: everything before its first "Answer:" line (all of it when
+    the generation stopped before one). Likelihood scoring appends each option's answer line to it."""
+    m = _RE_FIRST_ANSWER.search(generation)
+    return (generation[: m.start()] if m else generation).strip()
+
+
+_RE_FIRST_ANSWER = re.compile(r"(?im)(?:^|(?<=[.!?])[ \t]+)[ \t]*answer\s*:")
 
 
 # ------------------------------------------------------------------------------------------------

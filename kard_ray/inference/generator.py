@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
-from kard_ray.inference.formats import encode_sources, format_source
+from kard_ray.inference.formats import answer_letter, encode_sources, format_source, format_target, generation_rationale
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -18,10 +19,46 @@ LETTERS = "ABCDEFGHIJ"
 @dataclass
 class Prediction:
     generation: str  # the first (greedy: only) generation
-    pred_index: int  # -1 when no answer could be read
+    pred_index: int  # under score_by; -1 when no answer could be read
     pred_letter_index: int
     pred_text_index: int
     votes: list[int]
+    truncated: bool = False  # the first generation hit max_new_tokens before its end-of-sequence token
+    parsed_index: int = -1  # the answer the first generation states (letter, else text), whatever score_by is
+
+
+# Written beside a trained student (`write_generation_defaults`): how long its training targets are, so
+# inference generates enough tokens for a whole target (eval.max_new_tokens: null reads it).
+GENERATION_DEFAULTS = "kard_generation.json"
+TARGET_MARGIN_TOKENS = 8
+
+
+def write_generation_defaults(model_dir: str, target_lengths: list[int]) -> dict:
+    """Record the training targets' token lengths and the max_new_tokens they call for: their
+    99th percentile plus a margin (a whole target, answer line included, for nearly every question)."""
+    import numpy as np
+
+    from kard_ray import io
+
+    lengths = np.asarray(target_lengths or [0])
+    p99 = int(np.ceil(np.percentile(lengths, 99)))
+    info = {"target_tokens_p50": int(np.median(lengths)), "target_tokens_p99": p99,
+            "target_tokens_max": int(lengths.max()), "max_new_tokens": p99 + TARGET_MARGIN_TOKENS}
+    io.write_json(io.join(model_dir, GENERATION_DEFAULTS), info)
+    return info
+
+
+def resolve_max_new_tokens(model_dir: str, configured: Optional[int]) -> int:
+    """eval.max_new_tokens, or (null) what the student's training targets call for."""
+    if configured is not None:
+        return int(configured)
+    from kard_ray import io
+
+    path = io.join(model_dir, GENERATION_DEFAULTS)
+    if not io.exists(path):
+        raise FileNotFoundError(f"eval.max_new_tokens is null (from the training targets) but {model_dir} has no "
+                                f"{GENERATION_DEFAULTS}; set eval.max_new_tokens or retrain the student")
+    return int(io.read_json(path)["max_new_tokens"])
 
 
 def choose(parsed: dict, score_by: str) -> int:
@@ -60,9 +97,9 @@ def majority(votes: list[int]) -> int:
 class StudentGenerator:
     """Loads a `save_pretrained` student once; turns (question, options, passages) into predictions."""
 
-    def __init__(self, model_dir: str, dataset: str, max_new_tokens: int = 128, decoding: str = "greedy",
+    def __init__(self, model_dir: str, dataset: str, max_new_tokens: Optional[int] = 128, decoding: str = "greedy",
                  n_votes: int = 1, temperature: float = 0.7, max_source_length: int = 512,
-                 score_by: str = "letter_or_text", seed: int = 0, device: str | None = None):
+                 score_by: str = "letter_or_text", seed: int = 0, device: str | None = None, variant: str = "kard"):
         import torch
 
         from kard_ray.models import load_seq2seq, load_tokenizer
@@ -72,7 +109,8 @@ class StudentGenerator:
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_seq2seq(model_dir).to(self.device).eval()
         self.dataset = dataset
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens = resolve_max_new_tokens(model_dir, max_new_tokens)
+        self.variant = variant  # what its targets look like: "ft" answers alone, "kard"/"rd" rationale first
         self.decoding = decoding
         self.n_votes = n_votes if decoding == "sample" else 1
         self.temperature = temperature
@@ -83,8 +121,9 @@ class StudentGenerator:
     def source(self, question: str, options: list[str], passages: list[str] | None) -> str:
         return format_source(question, list(options), passages, self.dataset)
 
-    def generate(self, sources: list[str], keys: list[str] | None = None) -> list[list[str]]:
-        """`n_votes` generations per source (one when greedy).
+    def generate(self, sources: list[str], keys: list[str] | None = None) -> list[list[tuple[str, bool]]]:
+        """`n_votes` (generation, truncated) pairs per source (one when greedy); truncated: it hit
+        max_new_tokens before the end-of-sequence token.
 
         Sampling is seeded per question — by (seed, key, sample index), key defaulting to the source
         text — and each question is decoded on its own, so its votes never depend on which other
@@ -103,25 +142,69 @@ class StudentGenerator:
             out.append(samples)
         return out
 
-    def _decode(self, ids: list[list[int]], kw: dict) -> list[list[str]]:
-        """One generation per row of token ids, as [[text], ...]."""
+    def _decode(self, ids: list[list[int]], kw: dict) -> list[list[tuple[str, bool]]]:
+        """One generation per row of token ids, as [[(text, truncated)], ...]."""
         enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
         with self.torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, **kw)
-        return [[t.strip()] for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        # (a seq2seq output starts with the decoder start token; a row that finished has its EOS)
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
+        ended = [any(int(t) in eos for t in row[1:]) for row in out]
+        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
+        return [[(t.strip(), not e)] for t, e in zip(texts, ended)]
+
+    def option_loglikelihoods(self, source_ids: list[int], targets: list[str]) -> list[float]:
+        """The student's summed log-likelihood of each target given one source (teacher forcing; the
+        encoder runs once, the decoder once per target)."""
+        torch = self.torch
+        labels = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in targets]
+        width = max(len(x) for x in labels)
+        lab = torch.full((len(labels), width), -100, dtype=torch.long)
+        for i, x in enumerate(labels):
+            lab[i, : len(x)] = torch.tensor(x)
+        src = torch.tensor([source_ids], device=self.device)
+        with torch.inference_mode():
+            hidden = self.model.get_encoder()(input_ids=src).last_hidden_state
+            hidden = hidden.expand(len(targets), -1, -1)
+            lab = lab.to(self.device)
+            logits = self.model(encoder_outputs=(hidden,), labels=lab).logits
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            mask = lab != -100
+            picked = logp.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            return (picked * mask).sum(-1).tolist()
+
+    def likelihood_choice(self, source_ids: list[int], options: list[str], generation: str) -> int:
+        """Rank classification (eval.score_by: likelihood): the option whose whole target — the
+        generation's rationale (none for FT) then that option's answer — the student finds likeliest.
+        The rationale is shared, so the ranking is that of the answer continuations; every question
+        gets an answer."""
+        n = len(options)
+        if self.variant == "ft":
+            targets = [format_target(None, answer_letter(i, n), options[i]) for i in range(n)]
+        else:
+            rationale = generation_rationale(generation)
+            targets = [format_target(rationale, answer_letter(i, n)) for i in range(n)]
+        scores = self.option_loglikelihoods(source_ids, targets)
+        return max(range(n), key=lambda i: scores[i])
 
     def predict(self, questions: list[str], options: list[list[str]], passages: list[list[str] | None]) -> list[Prediction]:
         from kard_ray.teacher import parse_prediction
 
         sources = [self.source(q, o, p) for q, o, p in zip(questions, options, passages)]
         keys = [question_key(q, o) for q, o in zip(questions, options)]
+        ids = encode_sources(self.tokenizer, sources, self.max_source_length) if self.score_by == "likelihood" else None
         preds = []
-        for opts, gens in zip(options, self.generate(sources, keys)):
-            parsed = [parse_prediction(g, list(opts)) for g in gens]
-            votes = [choose(p, self.score_by) for p in parsed]
+        for i, (opts, gens) in enumerate(zip(options, self.generate(sources, keys))):
+            parsed = [parse_prediction(g, list(opts)) for g, _ in gens]
+            if self.score_by == "likelihood":
+                votes = [self.likelihood_choice(ids[i], list(opts), g) for g, _ in gens]
+            else:
+                votes = [choose(p, self.score_by) for p in parsed]
             first = parsed[0]
             preds.append(Prediction(
-                generation=gens[0], pred_index=majority(votes),
+                generation=gens[0][0], pred_index=majority(votes),
                 pred_letter_index=-1 if first.get("letter") is None else int(first["letter"]),
-                pred_text_index=-1 if first.get("text") is None else int(first["text"]), votes=votes))
+                pred_text_index=-1 if first.get("text") is None else int(first["text"]), votes=votes,
+                truncated=gens[0][1], parsed_index=choose(first, "letter_or_text")))
         return preds

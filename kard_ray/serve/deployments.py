@@ -160,7 +160,7 @@ class Generator:
         self.batched_requests = 0
         log.info("Generator: student %s loaded in %.1fs", model_dir, time.time() - t0)
 
-    def _usage(self, question: str, options: list[str], passages: list[str], generation: str) -> dict:
+    def _usage(self, question: str, options: list[str], passages: list[str], generation: str, truncated: bool) -> dict:
         """OpenAI-style token counts of one prediction (call with the lock held: the tokenizer is shared)."""
         from kard_ray.inference.formats import encode_sources
 
@@ -168,7 +168,7 @@ class Generator:
         prompt = len(encode_sources(self.student.tokenizer, [source], self.student.max_source_length)[0])
         completion = len(self.student.tokenizer(generation, add_special_tokens=True)["input_ids"])
         return {"prompt_tokens": prompt, "completion_tokens": completion,
-                "finish_reason": "length" if completion >= self.student.max_new_tokens else "stop"}
+                "finish_reason": "length" if truncated else "stop"}
 
     def _predict_items(self, items: list[tuple]) -> list[dict]:
         """(question, options, passages, usage?) items -> {generation, pred_index[, usage]} (lock held)."""
@@ -178,7 +178,7 @@ class Generator:
         for it, p in zip(items, preds):
             row = {"generation": p.generation, "pred_index": int(p.pred_index)}
             if len(it) > 3 and it[3]:
-                row["usage"] = self._usage(it[0], list(it[1]), list(it[2]), p.generation)
+                row["usage"] = self._usage(it[0], list(it[1]), list(it[2]), p.generation, p.truncated)
             out.append(row)
         return out
 

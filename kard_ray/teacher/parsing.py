@@ -669,13 +669,32 @@ def parse_answer(text: str, options: list[str]) -> int | None:
     return read_answer(text, options).answer
 
 
-def parse_prediction(text: str, options: list[str]) -> dict:
-    """Read a student generation "<rationale>\\nAnswer: B" both ways (KARD.md §5).
+@lru_cache(maxsize=256)
+def _stated_text_regex(options: tuple[str, ...]) -> re.Pattern:
+    """An answer statement naming an option's text, its letter allowed first: "the answer is (B)
+    accordion", "Answer: B. accordion", "the answer is accordion" (students write all three)."""
+    return re.compile(_ANSWER_HEAD + r"(?:[A-J]\s*[).:\]]\s*)?" + _option_regex(options).pattern, re.IGNORECASE)
 
-    Returns {"letter": idx | None, "text": idx | None}. `letter`: the last "Answer: X" line, else
-    the last stated letter. `text`: read from the rationale (the part before the "Answer:" line):
-    an "answer is <option text>" statement in its final sentence, else the one option its final
-    sentence names, else its last "answer is <option text>" statement. Callers count disagreements.
+
+def _complete_sentences(text: str) -> list[tuple[int, int]]:
+    """Sentence spans without a trailing fragment: a last sentence that does not end in . ! ? or a
+    newline is what a generation cut at max_new_tokens leaves behind ("... accordion.\nA")."""
+    spans = _sentence_spans(text)
+    if len(spans) > 1 and text[spans[-1][0]:].rstrip(" \t\"'”’)").rstrip()[-1:] not in ".!?" \
+            and not text.endswith("\n"):
+        spans = spans[:-1]
+    return spans
+
+
+def parse_prediction(text: str, options: list[str]) -> dict:
+    """Read a student generation "<rationale>\\nAnswer: B" both ways (KARD.md §5), wherever the answer
+    stands and whatever fragment follows it (a generation cut at max_new_tokens, trailing junk,
+    an answer repeated): the last complete statement wins.
+
+    Returns {"letter": idx | None, "text": idx | None}. `letter`: the last complete "Answer: X" line,
+    else the last stated letter. `text`, read from the rationale (the part before that line): the last
+    answer statement naming an option's text ("the answer is (B) accordion"), else the one option the
+    last complete sentence names. Callers count disagreements.
     """
     if not text or not options:
         return {"letter": None, "text": None}
@@ -686,17 +705,15 @@ def parse_prediction(text: str, options: list[str]) -> dict:
     if letter is None:
         cands = _letter_candidates(text, len(opts))
         letter = cands[-1][1] if cands else None
-
-    text_idx = None
-    spans = _sentence_spans(rationale)
-    statements = _text_candidates(rationale, opts, spans)
-    if statements and spans:
-        in_last = [c for c in statements if c[0] >= spans[-1][0]]
-        text_idx = in_last[-1][1] if in_last else None
+    low = _lower_same_length(rationale)
+    statements = [(m.start(), _index_of(m.group(m.lastindex), opts))
+                  for m in _keyword_matches(rationale, low, ("answer",), _stated_text_regex(opts))]
+    statements = sorted(c for c in statements if c[1] is not None)
+    text_idx = statements[-1][1] if statements else None
     if text_idx is None:
-        text_idx = final_sentence_option(rationale, opts)
-    if text_idx is None and statements:
-        text_idx = statements[-1][1]
+        spans = _complete_sentences(rationale)
+        if spans:
+            text_idx = final_sentence_option(rationale[: spans[-1][1]], opts)
     return {"letter": letter, "text": text_idx}
 
 

@@ -25,6 +25,7 @@ from kard_ray import io
 from kard_ray.config import KardConfig
 from kard_ray.data.stage import read_questions
 from kard_ray.inference.formats import VARIANTS, answer_letter, encode_sources, format_source, format_target
+from kard_ray.inference.generator import write_generation_defaults
 from kard_ray.io import RunDir
 from kard_ray.teacher.kept import kept_rationales
 from kard_ray.training.core import TrainTask, train, tree_digest
@@ -244,4 +245,13 @@ def train_student(cfg: KardConfig, run: RunDir, variant: str, init_model: str, *
                    model_config={"init_model": init_model, "variant": variant}, seed=cfg.seed, resume=resume,
                    fail_at_step=fail_at_step, data_digest=tree_digest(run.examples(name)))
     result.update({"variant": variant, "examples": ds.count(), "model_dir": run.model(name)})
+    result["generation"] = record_target_lengths(run, variant, init_model)
     return result
+
+
+def record_target_lengths(run: RunDir, variant: str, init_model: str) -> dict:
+    """Beside the exported student, the token lengths of its training targets and the max_new_tokens
+    they call for (what `eval.max_new_tokens: null` generates, so a whole target fits)."""
+    targets = io.read_table(run.examples(f"student_{variant}"), columns=["target"]).column("target").to_pylist()
+    lengths = [len(ids) for ids in encode_targets(_tokenizer(init_model), targets)]
+    return write_generation_defaults(run.model(f"student_{variant}"), lengths)
