@@ -112,7 +112,7 @@ def tiny_bert_dir(tmp_path_factory, synthetic_task, tiny_cfg) -> str:
 # reranker, evaluation. Shared by the pipeline tests (the KARD effect, artifacts, stage skipping) and the
 # Serve tests (served answers equal these offline predictions), so the suite trains it once.
 DEMO_TEST_OVERRIDES = [
-    "methods=[rd,kard_bm25,kard_reranker]",
+    "methods=[ft,rd,kard_bm25,kard_reranker]",
     "data.synthetic.n_test_entities=25",
     "student.max_steps=1500",
     "student.checkpoint_every_steps=0",
