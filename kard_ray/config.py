@@ -521,6 +521,18 @@ class ResourcesConfig:
         _check(self.num_cpus is None or self.num_cpus >= 1, "resources.num_cpus", "must be >= 1 or null")
 
 
+@dataclass
+class TrackingConfig:
+    mlflow: bool = _f(False, "Record each pipeline run in MLflow (the `tracking` extra): the config as params, every "
+                             "logged training step and the evaluation metrics as metrics, results as artifacts.")
+    uri: Optional[str] = _f(None, "MLflow tracking URI; null: a SQLite store in the run directory "
+                                  "(sqlite:///<run_dir>/mlflow.db). Required when run_dir is a URI.")
+    experiment: str = _f("kard-ray", "MLflow experiment the runs are recorded under.")
+
+    def __post_init__(self):
+        _check(bool(self.experiment.strip()), "tracking.experiment", "must not be empty")
+
+
 from kard_ray.methods import CONFIGURABLE as METHODS  # noqa: E402  (the one method table)
 
 
@@ -537,6 +549,7 @@ class KardConfig:
     eval: EvalConfig = _f(EvalConfig(), "Evaluation.")
     serve: ServeConfig = _f(ServeConfig(), "Ray Serve application.")
     resources: ResourcesConfig = _f(ResourcesConfig(), "Ray cluster and storage.")
+    tracking: TrackingConfig = _f(TrackingConfig(), "Experiment tracking (MLflow).")
 
     def __post_init__(self):
         _check(len(self.methods) >= 1, "methods", "name at least one method")

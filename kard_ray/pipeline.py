@@ -359,12 +359,31 @@ def run(cfg: KardConfig, from_stage: str | None = None, only: list[str] | None =
     manifest["config_hash"] = cfg.section_hash(*[f.name for f in cfg.__dataclass_fields__.values()])
     t_start = time.time()
     print(f"[pipeline] run directory {run_dir.root}", flush=True)
-    for stage, explicit in plan:
-        _run_stage(cfg, run_dir, manifest, stage, parts[stage], resume=resume or not explicit)
+    try:
+        for stage, explicit in plan:
+            _run_stage(cfg, run_dir, manifest, stage, parts[stage], resume=resume or not explicit)
+    except BaseException:
+        _track(cfg, run_dir, manifest, "FAILED")
+        raise
     print(f"[pipeline] finished in {time.time() - t_start:.1f}s", flush=True)
+    _track(cfg, run_dir, manifest, "FINISHED")
     if os.environ.get("KARD_PRINT_RESULTS", "1") == "1" and io.exists(run_dir.path("eval", "results.md")):
         print(io.read_bytes(run_dir.path("eval", "results.md")).decode(), flush=True)
     return manifest
+
+
+def _track(cfg: KardConfig, run_dir: io.RunDir, manifest: dict, status: str) -> None:
+    """The run in MLflow (tracking.mlflow); a tracking failure is reported, never fails a finished run."""
+    if not cfg.tracking.mlflow:
+        return
+    from kard_ray.tracking import record_run
+
+    try:
+        rid = record_run(cfg, run_dir, manifest, status)
+        print(f"[pipeline] recorded in MLflow: run {rid} ({cfg.tracking.uri or 'sqlite store in the run directory'})",
+              flush=True)
+    except Exception as e:  # noqa: BLE001 - the results are written; tracking is a copy of them
+        print(f"[pipeline] WARNING: MLflow tracking failed: {type(e).__name__}: {e}", flush=True)
 
 
 def status_table(cfg: KardConfig) -> str:

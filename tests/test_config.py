@@ -97,3 +97,15 @@ def test_relative_local_paths_become_absolute_uris_and_hub_names_do_not(tmp_path
     assert r.student.model == str(tmp_path / "my_model")  # exists here: a path
     assert r.reranker.model == "michiyasunaga/LinkBERT-base"  # does not exist here: a Hub name
     assert resolve_local_paths(r) == r
+
+
+def test_tracking_store_defaults_to_the_run_directory_and_a_uri_run_needs_one():
+    from kard_ray.tracking import tracking_uri
+
+    local = load_config(str(REPO / "configs" / "demo.yaml"), ["run_dir=/tmp/some_run", "tracking.mlflow=true"])
+    assert tracking_uri(local) == ("sqlite:////tmp/some_run/mlflow.db", "file:///tmp/some_run/mlartifacts")
+    remote = load_config(str(REPO / "configs" / "demo.yaml"), ["run_dir=s3://bucket/run", "tracking.mlflow=true"])
+    with pytest.raises(ValueError, match="tracking.uri"):
+        tracking_uri(remote)
+    given = load_config(str(REPO / "configs" / "demo.yaml"), ["run_dir=s3://bucket/run", "tracking.uri=http://mlflow:5000"])
+    assert tracking_uri(given) == ("http://mlflow:5000", None)

@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"training"},
     {"evaluation"},
     {"serve"},
+    {"tracking"},  # reads a finished run directory (models, evaluation) and copies it into MLflow
     {"pipeline", "cli"},
 ]
 # Serve answers with what test time needs; it never reaches into training or evaluation.

@@ -221,7 +221,8 @@ def test_strategyqa_smoke_config_runs_on_real_data(ray_session, shared_data, tmp
     d = shared_data
     cfg = load_config(str(REPO / "configs/strategyqa_smoke.yaml"), [
         f"run_dir={tmp_path}", f"data.train_path={d / 'train.jsonl'}", f"data.test_path={d / 'test.jsonl'}",
-        f"knowledge.corpus_paths=[{d / 'wiki_passages.jsonl.gz'}]", f"teacher.import_path={d / 'teacher_gpt35_responses.jsonl.gz'}"])
+        f"knowledge.corpus_paths=[{d / 'wiki_passages.jsonl.gz'}]", f"teacher.import_path={d / 'teacher_gpt35_responses.jsonl.gz'}",
+        "tracking.mlflow=true", "tracking.experiment=kard-smoke"])
     manifest = pipeline.run(cfg)
     st = manifest["stages"]
     assert st["questions"]["counts"]["train_questions"] == 100 and st["questions"]["counts"]["test_questions"] == 50
@@ -229,3 +230,28 @@ def test_strategyqa_smoke_config_runs_on_real_data(ray_session, shared_data, tmp
     assert st["knowledge"]["counts"]["passages"] >= 11_000
     metrics = io.read_json(str(tmp_path / "eval" / "metrics.json"))["methods"]
     assert set(metrics) >= {"rd", "kard_bm25", "kard_reranker"} and all(m["n"] == 50 for m in metrics.values())
+
+    _assert_recorded_in_mlflow(cfg, tmp_path, metrics)
+
+
+def _assert_recorded_in_mlflow(cfg, run_dir: Path, metrics: dict) -> None:
+    """The run, read back from its MLflow store with mlflow's own client: the resolved config as params,
+    every logged training step exactly once, the evaluation metrics, the results as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    from kard_ray.tracking import flat_params
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run_dir / 'mlflow.db'}")
+    (mlrun,) = client.search_runs([client.get_experiment_by_name("kard-smoke").experiment_id])
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["kard.run_dir"] == str(run_dir)
+    assert mlrun.data.params == flat_params(cfg.to_dict()) and mlrun.data.params["student.lr"] == str(cfg.student.lr)
+    for model in ("student_kard", "student_rd", "reranker"):
+        logged = [json.loads(l) for l in (run_dir / "models" / model / "train_log.jsonl").read_text().splitlines()]
+        history = client.get_metric_history(mlrun.info.run_id, f"{model}/loss")
+        assert sorted((h.step, h.value) for h in history) == [(e["step"], pytest.approx(e["loss"])) for e in logged]
+    for method, m in metrics.items():
+        assert mlrun.data.metrics[f"eval/{method}/accuracy"] == pytest.approx(m["accuracy"])
+    eval_files = {a.path for a in client.list_artifacts(mlrun.info.run_id, "eval")}
+    assert eval_files == {"eval/results.md", "eval/metrics.json", "eval/accuracy.png"}
+    results = client.download_artifacts(mlrun.info.run_id, "eval/results.md", str(run_dir / "dl"))
+    assert Path(results).read_text() == (run_dir / "eval" / "results.md").read_text()
