@@ -440,13 +440,14 @@ CLUSTER_ENV = {"RAY_TRAIN_V2_ENABLED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS
 @pytest.fixture(scope="session")
 def ray_cluster(s3_server):
     """One multi-node cluster for the distributed tests: a head with 0 CPUs (the driver and GCS only, as
-    in cluster/aws.yaml) and two 2-CPU worker nodes, `a` and `b`, each offering one `kard_trainer`, so two
-    training workers that each ask for one land on different nodes. Every node has the S3 settings in its
-    environment, as nodes with an instance profile / IAM role would."""
+    in cluster/aws.yaml) and three 2-CPU worker nodes, `a`, `b` and `c`, each offering one `kard_trainer`,
+    so two training workers that each ask for one land on different nodes, and the third is spare capacity
+    that takes over when one of them is lost (as a cluster with room, or an autoscaler's new node, would).
+    Every node has the S3 settings in its environment, as nodes with an instance profile / IAM role would."""
     nodes = RayNodes({**CLUSTER_ENV, **s3_server["env"]})
     try:
         nodes.start_head(num_cpus=0)
-        for name in ("a", "b"):  # one after the other: two nodes' agents starting at once starve each other
+        for name in ("a", "b", "c"):  # one after the other: two nodes' agents starting at once starve each other
             nodes.add_worker(name, num_cpus=2, resources={"kard_trainer": 1})
         yield nodes
     finally:

@@ -2,13 +2,14 @@
 node, and Ray's autoscaler with its fake multi-node provider.
 
 * The S3 server is moto's (real HTTP on 127.0.0.1, a bucket made with boto3; `s3_server` in conftest).
-* `ray_cluster` (conftest) is one head with 0 CPUs and two worker nodes `a` and `b`, each started with
-  `ray start --block` in its own session and --temp-dir, with the S3 settings in its environment.
-* One `ray job submit` of jobs/distill.py runs the whole pipeline with run_dir=s3://...: the student on
-  2 Ray Train workers on different nodes (each asks for the `kard_trainer` resource the worker nodes
-  offer once), dense embedding and batch retrieval on the worker nodes (the head has no CPU), every
-  artifact and checkpoint in the bucket. Mid-training the test SIGKILLs worker node `b` and starts `c`;
-  the student must resume from the last S3 checkpoint at its exact step and the pipeline finish.
+* `ray_cluster` (conftest) is one head with 0 CPUs and three worker nodes `a`, `b`, `c`, each started
+  with `ray start --block` in its own session and --temp-dir, with the S3 settings in its environment.
+* One `ray job submit --working-dir .` of jobs/distill.py runs the whole pipeline with run_dir=s3://...:
+  the student on 2 Ray Train workers on different nodes (each asks for the `kard_trainer` resource the
+  worker nodes offer once), dense embedding and batch retrieval on the worker nodes (the head has no
+  CPU), every artifact and checkpoint in the bucket. Mid-training the test SIGKILLs a node that holds a
+  training worker; the student must resume on the surviving and the spare node from the last S3
+  checkpoint at its exact step and the pipeline finish.
 * The autoscaler test runs a pipeline stage on a head of 0 CPUs whose worker types are read from
   cluster/aws.yaml, and watches nodes come for the stage and go after the idle timeout.
 
@@ -18,7 +19,6 @@ Timings measured here are printed (`-s` shows them) and quoted in the README.
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -31,9 +31,8 @@ from kard_ray import io
 
 REPO = Path(__file__).resolve().parents[1]
 
-# Long enough that the standby node `c` (started once training begins; 15-120 s here) is up well before the
-# student finishes on an idle machine (~2 steps/s): at 150 steps an idle run finished before `c` came up.
-MAX_STEPS, CKPT_EVERY, LOG_EVERY = 450, 30, 5
+# The spare node is up before the job starts, so the kill comes right after the first checkpoint (+10 steps).
+MAX_STEPS, CKPT_EVERY, LOG_EVERY = 120, 30, 5
 
 
 def _s3_files(uri: str) -> list[str]:
@@ -99,17 +98,21 @@ def test_s3_uri_parameters_reach_every_io_helper(s3_server, tmp_path, monkeypatc
 # the whole pipeline on two nodes, run_dir on S3, a node lost mid-training
 
 
+def _train_worker_nodes(ray_cluster) -> list[str]:
+    """Names of the nodes that hold an alive Ray Train worker now (the state API's actor table)."""
+    r = ray_cluster.ray("list", "actors", "--format", "json", "--detail", "--limit", "10000",
+                        "--filter", "class_name=RayTrainWorker", "--filter", "state=ALIVE")
+    if r.returncode != 0:
+        return []
+    names = {v: k for k, v in ray_cluster.alive_nodes().items()}
+    return sorted(names.get(a["node_id"], "?") for a in json.loads(r.stdout))
+
+
 @pytest.fixture(scope="module")
 def two_node_run(ray_cluster, s3_server, tiny_bert_dir):
-    """Submit the pipeline; once the student trains, start node `c`; once `c` is up and a checkpoint is in S3,
-    kill worker node `b`; wait for the job.
-
-    `c` is started before the kill (a standby, as a cluster with spare capacity or an autoscaler replacing
-    the node would provide): a node's start-up on this loaded machine takes 30-120 s and is not what is
-    measured; the resume time below is node loss -> failure detected -> worker group restarted -> checkpoint
-    restored -> first step trained."""
-    import threading
-
+    """Submit the pipeline; once a checkpoint is in S3 and training is past it, SIGKILL one of the two nodes
+    holding a training worker; wait for the job. The resume time below is node loss -> failure detected ->
+    worker group restarted on the surviving and the spare node -> checkpoint restored -> first step trained."""
     bucket = s3_server["bucket"]
     run_dir = f"s3://{bucket}/two_nodes"
     encoder = f"s3://{bucket}/encoders/tiny_bert"
@@ -127,17 +130,12 @@ def two_node_run(ray_cluster, s3_server, tiny_bert_dir):
     run = io.RunDir(run_dir)
     ckpts, log = run.path("checkpoints", "student_kard"), run.path("models", "student_kard", "train_log.jsonl")
 
-    # Kill `b` between checkpoints: once a checkpoint exists and training is 10 steps past it (so every rank
-    # has reported it), before the next one, and once the replacement `c` is up.
-    standby: dict = {}
-
-    def start_standby():
-        ray_cluster.add_worker("c", 2, {"kard_trainer": 1})
-        standby["up"] = True
-
-    starter = threading.Thread(target=start_standby, daemon=True)
+    # Kill between checkpoints: once a checkpoint exists and training is 10 steps past it (so every rank
+    # has reported it), before the next one.
+    # Where the two workers are is read once training has begun (the CLI takes seconds; the placement does
+    # not change until a node is lost), so the kill itself is immediate.
     seen_at: dict[int, float] = {}
-    killed = None
+    killed, placed = None, None
     next_status = time.time() + 15
     deadline = time.time() + 900
     while killed is None and time.time() < deadline:
@@ -145,15 +143,16 @@ def two_node_run(ray_cluster, s3_server, tiny_bert_dir):
             seen_at.setdefault(c, time.time())
         steps = _logged_steps(log)
         last = steps[-1] if steps else 0
-        if steps and "started" not in standby:
-            standby["started"] = True
-            starter.start()  # the worker group is placed on a and b by now
+        if steps and placed is None:
+            found = _train_worker_nodes(ray_cluster)
+            placed = found if len(found) == 2 and "?" not in found else None
+            continue
         done = [c for c, t in seen_at.items() if c + 10 <= last and time.time() - t >= 2]
-        if done and last < MAX_STEPS - 10 and standby.get("up"):
-            expected = max(done)
-            ray_cluster.kill("b")
-            killed = {"t": time.time(), "last_logged": last, "expected_resume": expected,
-                      "log_before": io.read_bytes(log)}
+        if done and placed and last < MAX_STEPS - 10:
+            victim, survivor = placed
+            ray_cluster.kill(victim)
+            killed = {"t": time.time(), "last_logged": last, "expected_resume": max(done), "node": victim,
+                      "survivor": survivor, "log_before": io.read_bytes(log)}
             break
         if time.time() > next_status:  # the manifest in the bucket, not the slow `ray job status` CLI
             next_status = time.time() + 5
@@ -179,7 +178,7 @@ def two_node_run(ray_cluster, s3_server, tiny_bert_dir):
     result = {"job_id": job_id, "status": status, "logs": logs, "run": run, "killed": killed,
               "resume_s": None if resumed_at is None else resumed_at - killed["t"], "total_s": t_end - t0,
               "nodes": ray_cluster.alive_nodes(), "all_nodes": ray_cluster.nodes()}
-    print(f"\n[two-node job] {status} in {t_end - t0:.0f} s; node b killed after step {killed['last_logged']}, "
+    print(f"\n[two-node job] {status} in {t_end - t0:.0f} s; node {killed['node']} killed after step {killed['last_logged']}, "
           f"training resumed {result['resume_s']:.1f} s later" if resumed_at else f"\n[two-node job] {status}")
     return result
 
@@ -210,6 +209,8 @@ def test_pipeline_job_on_two_nodes_with_run_dir_on_s3(two_node_run, ray_cluster)
                    "eval/results.md", "eval/predictions/kard_bm25/"]:
         assert any(f == prefix or f.startswith(prefix) for f in files), f"{prefix} not in the bucket"
     assert "| kard_bm25 |" in r["logs"], "the job prints the results table"
+    assert [s for s, e in stages.items() if e["status"] == "done"] == \
+        ["questions", "knowledge", "teacher", "examples", "student", "evaluate"]  # in data-flow order
     # Nothing was written to a local path named like the URI (a stage that forgot it was on S3).
     strays = [str(p) for p in Path(ray_cluster.root).rglob("*") if p.name in ("s3:", "two_nodes")]
     assert strays == []
@@ -225,8 +226,11 @@ def test_pipeline_job_on_two_nodes_with_run_dir_on_s3(two_node_run, ray_cluster)
         by_attempt.setdefault(a.get("placement_group_id") or a["actor_id"], []).append(names[a["node_id"]])
     for nodes in by_attempt.values():
         assert len(nodes) == 2 and len(set(nodes)) == 2 and "head" not in nodes, by_attempt
-    assert {"a", "b"} in [set(n) for n in by_attempt.values()]
-    assert {"a", "c"} in [set(n) for n in by_attempt.values()]
+    # before the loss on the victim and a survivor; after it on the survivor and the spare node
+    victim, survivor = r["killed"]["node"], r["killed"]["survivor"]
+    (spare,) = {"a", "b", "c"} - {victim, survivor}
+    assert {victim, survivor} in [set(n) for n in by_attempt.values()], by_attempt
+    assert {survivor, spare} in [set(n) for n in by_attempt.values()], by_attempt
     for kind in ("Embed", "Retrieve"):
         placed = {names[a["node_id"]] for a in actors if kind in a["class_name"]}
         assert placed and "head" not in placed, (kind, sorted({a["class_name"] for a in actors}))

@@ -128,10 +128,11 @@ def test_deepspeed_zero2_trains_checkpoints_resumes_exports(ray_session, synthet
 @pytest.mark.timeout(900)
 def test_one_worker_same_seed_same_loss_curve_and_exact_resume(ray_session, synthetic_task, tiny_t5_dir, tmp_path):
     """A seeded run reproduces: blocks reach the worker in a fixed order (DataConfig preserve_order), so
-    the global shuffle and the batches are the same; another seed gives another order. The same run killed
-    at step 9 and resumed from its step-6 checkpoint (two epochs in: the second epoch's order is its own)
-    logs the same loss at every step and ends with identical weights."""
-    rows = oracle_examples(synthetic_task, "kard")
+    the global shuffle and the batches are the same. The same run killed two steps after its checkpoint,
+    in the second epoch (whose order is its own), and resumed from that checkpoint logs the same loss at
+    every step and ends with identical weights. (That another seed gives another order is
+    test_training_core's, and a new seed retraining through the CLI is test_retrain's.)"""
+    rows = oracle_examples(synthetic_task, "kard")[:96]  # 12 steps an epoch: three short runs, not three long ones
     # many blocks, tokenised by parallel tasks that finish in any order
     ds = tokenize_examples(ray_session.data.from_items(rows, override_num_blocks=16), tiny_t5_dir, 128, None)
     n = ds.count()
@@ -144,11 +145,10 @@ def test_one_worker_same_seed_same_loss_curve_and_exact_resume(ray_session, synt
         return train(seq2seq_task(tiny_t5_dir), ds, cfg, str(tmp_path / name), str(tmp_path / "ckpt"), name,
                      {"init_model": tiny_t5_dir}, seed=seed, resume=False, fail_at_step=fail_at)
 
-    a, b, c = run("a", 0), run("b", 0, fail_at=spe + 4), run("c", 1)
+    a, b = run("a", 0), run("b", 0, fail_at=spe + 4)
     assert os.path.exists(tmp_path / "ckpt" / "b" / f"fail_once_at_step_{spe + 4}.marker")
     assert len(a["loss_curve"]) == steps and a["loss_curve"] == b["loss_curve"], (a["loss_curve"], b["loss_curve"])
     assert_same_weights(str(tmp_path / "a"), str(tmp_path / "b"))
-    assert a["loss_curve"] != c["loss_curve"]
 
 
 @pytest.mark.gpu
