@@ -119,7 +119,7 @@ def _check_schema(body: dict, options: list[str]) -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(3000)  # may build the shared demo run (conftest.demo_run)
 def test_answers_equal_offline_predictions_kard_reranker(tiny_run, served, client):
-    from kard_ray.serve.api import split_rationale
+    from kard_ray.inference.formats import generation_rationale
 
     offline = _offline(tiny_run, "kard_reranker")
     questions = _test_questions(tiny_run)
@@ -137,7 +137,7 @@ def test_answers_equal_offline_predictions_kard_reranker(tiny_run, served, clien
         assert len(body["passages"]) == served.eval.k
         assert body["generation"] == want["generation"], q["id"]
         assert body["answer_index"] == want["pred_index"], q["id"]
-        assert body["rationale"] == split_rationale(want["generation"])
+        assert body["rationale"] == generation_rationale(want["generation"])
         generations.add(body["generation"])
     # the comparison means something only when the student's output depends on its input
     assert len(generations) >= 3, generations

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from kard_ray.config import ConfigError, load_config
-from kard_ray.serve.api import Limits, answer_fields, field_path, request_models, split_rationale
+from kard_ray.inference.formats import generation_rationale
+from kard_ray.serve.api import Limits, answer_fields, field_path, request_models
 
 REPO = Path(__file__).resolve().parents[1]
 SERVE_YAMLS = [REPO / "configs" / "serve.yaml", REPO / "cluster" / "serve_config.yaml"]
@@ -82,11 +83,14 @@ def test_field_path():
     ("The main export of Brax is salt. Answer: A", "The main export of Brax is salt."),  # newline lost in decoding
     ("Answer: B", ""),
     ("no answer line at all", "no answer line at all"),
-    ("Answer: A\nbut then more text", "Answer: A\nbut then more text"),  # not a final answer line: keep all
+    ("Answer: A\nbut then more text", ""),  # the answer came first: nothing before it explains it
+    ("r.\nAnswer: B\nAnswer: C\nAns", "r."),  # repeated and cut-off answer lines
+    ("The answer: is unclear. So the answer is salt", "The answer: is unclear. So the answer is salt"),
     ("", ""),
 ])
-def test_split_rationale(generation, rationale):
-    assert split_rationale(generation) == rationale
+def test_generation_rationale(generation, rationale):
+    """The one reader of a generation's rationale: Serve's `rationale` field and likelihood scoring."""
+    assert generation_rationale(generation) == rationale
 
 
 def test_answer_fields():

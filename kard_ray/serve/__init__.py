@@ -13,9 +13,9 @@ POST /v1/rerank (Cohere/Jina shape); GET /healthz, /readyz; OpenAPI at /docs. Bo
 overload with 503 + Retry-After (kard_ray.serve.proxy), SIGTERM drains (app.drain).
 """
 
-from kard_ray.serve.api import Limits, request_models, split_rationale
+from kard_ray.serve.api import Limits, request_models
 from kard_ray.serve.app import (APP_NAME, DEPLOYMENTS, app_from_config, build_app, deployment_options, drain,
                                 load_run_config, served_method, serve_run_dir, start)
 
 __all__ = ["APP_NAME", "DEPLOYMENTS", "Limits", "app_from_config", "build_app", "deployment_options", "drain",
-           "load_run_config", "request_models", "served_method", "serve_run_dir", "split_rationale", "start"]
+           "load_run_config", "request_models", "served_method", "serve_run_dir", "start"]

@@ -10,7 +10,6 @@ start, so the OpenAPI page at `/docs` shows the limits the running service enfor
 
 from __future__ import annotations
 
-import re
 import string
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional
@@ -119,7 +118,7 @@ class AnswerResponse(BaseModel):
     answer_index: int = Field(..., description="0-based index of the chosen option; -1 when the student stated no readable answer.")
     answer_letter: Optional[str] = Field(None, description="A, B, ...; null when answer_index is -1.")
     answer_text: Optional[str] = Field(None, description="The chosen option's text; null when answer_index is -1.")
-    rationale: str = Field(..., description="The student's explanation (the generation without its final Answer line).")
+    rationale: str = Field(..., description="The student's explanation (the generation before its Answer line).")
     generation: str = Field(..., description="The student's raw output, as offline evaluation records it.")
     method: Literal["kard_bm25", "kard_reranker"]
     passages: list[Passage] = Field(default_factory=list, description="The passages given to the student, best first.")
@@ -163,25 +162,6 @@ def field_path(loc: tuple | list) -> str:
 
 # ------------------------------------------------------------------------------------------------
 # reading a generation
-
-
-_ANSWER_MARK = re.compile(r"(?i)\banswer\s*:")
-
-
-def split_rationale(generation: str) -> str:
-    """The rationale part of a student generation "<rationale>\\nAnswer: B".
-
-    The final "Answer: ..." statement is dropped when it ends the text (on its own line or, when
-    the tokenizer lost the newline, after the rationale); otherwise the whole generation is the
-    rationale. FT-style outputs ("Answer: B") give an empty rationale.
-    """
-    marks = list(_ANSWER_MARK.finditer(generation))
-    if not marks:
-        return generation.strip()
-    last = marks[-1]
-    if "\n" in generation[last.end():].strip():
-        return generation.strip()
-    return generation[: last.start()].strip()
 
 
 def answer_fields(pred_index: int, options: list[str]) -> dict:

@@ -26,7 +26,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from kard_ray.config import KardConfig
 from kard_ray.inference.formats import question_query, top_k
 from kard_ray.methods import METHODS
-from kard_ray.serve.api import Limits, answer_fields, split_rationale
+from kard_ray.inference.formats import generation_rationale
+from kard_ray.serve.api import Limits, answer_fields
 from kard_ray.serve.http import Gate, Overloaded, RequestTimeout, ServiceError, build_api, request_id
 
 log = logging.getLogger("kard_ray.serve")
@@ -319,7 +320,7 @@ class Ingress:
     def _answer_body(self, req, pred: dict, passages: list[dict], timings: dict) -> dict:
         body = {
             **answer_fields(pred["pred_index"], list(req.options)),
-            "rationale": split_rationale(pred["generation"]),
+            "rationale": generation_rationale(pred["generation"]),
             "generation": pred["generation"],
             "method": self.method,
             "passages": passages if req.return_passages else [],
