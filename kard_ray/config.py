@@ -365,9 +365,22 @@ class StudentConfig(TrainingConfig):
     max_target_length: Optional[int] = _f(None, "Target tokens; null = never truncated.")
     max_rationales_per_question: Optional[int] = _f(None, "Use at most this many kept rationales per question.")
     ft_max_steps: Optional[int] = _f(None, "Steps for the FT baseline (answer-only targets converge in a fraction of the steps); null = max_steps.")
+    validation_fraction: float = _f(0.0, "Share of training questions held out of the student's examples for validation "
+                                         "(the synthetic task holds out whole entities; others, questions), by a stable hash.")
+    validation_max_questions: int = _f(64, "Most held-out questions a validation pass scores.")
+    validate_every_steps: int = _f(0, "Score validation accuracy every N steps and at the last (0: never). Each variant is "
+                                      "scored with its test-time input (KARD: passages retrieved by the question, RD/FT: "
+                                      "none), logged as val_accuracy, and the best step's weights are exported, not the last.")
 
     def __post_init__(self):
         self._check_training("student")
+        _check(0.0 <= self.validation_fraction < 1.0, "student.validation_fraction", "must be in [0, 1)")
+        _check(self.validation_max_questions >= 1, "student.validation_max_questions", "must be >= 1")
+        _check(self.validate_every_steps >= 0, "student.validate_every_steps", "must be >= 0")
+        _check(self.validate_every_steps == 0 or self.validation_fraction > 0, "student.validate_every_steps",
+               "needs student.validation_fraction > 0 (the questions it scores)")
+        _check(self.validate_every_steps == 0 or self.strategy == "ddp", "student.validate_every_steps",
+               "needs student.strategy=ddp (each rank decodes its share of the questions with the whole model)")
         _check(self.n_knowledge >= 1, "student.n_knowledge", "must be >= 1")
         _check(self.max_source_length >= 16, "student.max_source_length", "must be >= 16")
         _check(self.max_target_length is None or self.max_target_length >= 4, "student.max_target_length", "must be >= 4 or null")

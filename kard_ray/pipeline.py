@@ -36,7 +36,9 @@ DEPENDS_ON: dict[str, tuple[list[str], list[str]]] = {
     "knowledge": (["questions"], ["knowledge"]),
     "teacher": (["questions"], ["teacher"]),
     "examples": (["knowledge", "teacher"], ["student.n_knowledge", "student.max_rationales_per_question",
-                                            "student.max_source_length", "student.max_target_length", "methods"]),
+                                            "student.max_source_length", "student.max_target_length", "methods",
+                                            "student.validation_fraction", "student.validation_max_questions",
+                                            "eval.k"]),
     "mine": (["knowledge", "teacher"], ["reranker.candidates_k", "reranker.holdout_fraction", "seed",
                                          "eval.oracle_rationales_path"]),
     "reranker": (["mine"], ["reranker", "seed", "eval.oracle_rationales_path"]),
@@ -73,6 +75,9 @@ def _inputs(cfg: KardConfig, stage: str) -> list:
         return [_file_stamp(p) for p in cfg.knowledge.corpus_paths]
     if stage == "teacher":
         return [_file_stamp(cfg.teacher.import_path), _file_stamp(cfg.teacher.few_shot_path)]
+    if stage == "student" and cfg.student.validate_every_steps:
+        # validation reads as evaluation does, and what it reads decides which step is exported
+        return [{"validation reads": [cfg.eval.score_by, cfg.eval.max_new_tokens]}]
     return []
 
 

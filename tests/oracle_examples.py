@@ -28,3 +28,17 @@ def oracle_examples(task: SyntheticTask, variant: str = "kard") -> list[dict]:
                      "source": format_source(q["question"], q["options"], knowledge, q["dataset"]),
                      "target": format_target(rationale, answer_letter(q["answer"], len(q["options"])))})
     return rows
+
+
+def oracle_validation_rows(task: SyntheticTask, n: int = 16) -> list[dict]:
+    """Held-out rows for validation during training: test questions with their entity's true fact passage
+    ({question, options, passages, answer}, what `training.student.Seq2SeqValidate` scores)."""
+    from kard_ray.knowledge import format_passage
+
+    passages = {p["id"]: p for p in task.passages}
+    rows = []
+    for q in task.test_questions[:n]:
+        fact = passages[q["id"].split("-", 1)[1]]
+        rows.append({"question": q["question"], "options": list(q["options"]), "answer": q["answer"],
+                     "passages": [format_passage(fact["title"], fact["text"])]})
+    return rows

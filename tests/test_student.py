@@ -188,3 +188,38 @@ def test_train_student_in_process(student_run, tiny_t5_dir):
     assert r["model_dir"] == run.model("student_kard")
     assert os.path.exists(io.join(r["model_dir"], "train_log.jsonl"))
     assert load_seq2seq(r["model_dir"]) is not None
+
+
+@pytest.mark.timeout(600)
+def test_validation_holds_out_entities_and_scores_them_as_test_time_does(student_run, tiny_t5_dir, tmp_path):
+    """student.validation_fraction holds whole training entities out of the examples; their questions are
+    validated with what test time has (KARD: passages BM25 retrieves by the question), every N steps,
+    logged, and the best step exported."""
+    import dataclasses
+    import shutil
+
+    from kard_ray.data.stage import validation_group
+    from kard_ray.inference.formats import question_query
+    from kard_ray.knowledge import Retriever, format_passage
+    from kard_ray.training.student import validation_path
+
+    cfg0, run0, _ = student_run
+    shutil.copytree(run0.root, tmp_path / "run")  # the module's run stays as the other tests expect it
+    cfg = dataclasses.replace(cfg0, run_dir=str(tmp_path / "run"), student=dataclasses.replace(
+        cfg0.student, num_workers=0, batch_size=8, max_steps=6, lr=2e-3, log_every_steps=3, max_source_length=96,
+        validation_fraction=0.25, validate_every_steps=3))
+    run = io.RunDir(cfg.run_dir)
+    build_student_examples(cfg, run, "kard")
+    held = _read(validation_path(run, "kard"))
+    trained = {r["question_id"] for r in _read(run.examples("student_kard"))}
+    assert held and trained
+    held_groups = {validation_group(r["question_id"], "synthetic") for r in held}
+    assert not {validation_group(q, "synthetic") for q in trained} & held_groups  # no fact of a held entity trained
+    retriever = Retriever.from_run_dir(run.root, cfg.knowledge)
+    for r in held[:5]:  # the passages test time would retrieve, by the question
+        (hit,) = retriever.search([question_query(r["question"], r["options"])], cfg.eval.k)
+        assert r["passages"] == [format_passage(p["title"], p["text"]) for p in hit]
+    result = train_student(cfg, run, "kard", tiny_t5_dir)
+    summary = io.read_json(io.join(run.model("student_kard"), "train_summary.json"))
+    assert set(summary["val_accuracy"]) == {"3", "6"} and summary["exported_step"] in (3, 6)
+    assert summary["best_val_accuracy"] == max(summary["val_accuracy"].values()) and result["steps"] == 6

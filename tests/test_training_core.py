@@ -219,3 +219,43 @@ def test_each_epoch_sees_its_own_seeded_order(ray_session, tmp_path):
     assert all(sorted(e) == list(range(64)) for e in a)  # each epoch sees every row once
     assert a[0] != a[1] != a[2] and a[0] != a[2]  # a new order every epoch
     assert a == b and a != c  # seeded: reproducible, and another seed gives other orders
+
+
+class _PeaksAt:
+    """A validation metric that peaks at one call (the score the trainer must select by; which step
+    is best is what this test decides, so the metric is given, the selection and export are real)."""
+
+    def __init__(self, peak_call: int):
+        self.peak_call, self.calls = peak_call, 0
+
+    def __call__(self, model, rows):
+        self.calls += 1
+        return len(rows) - abs(self.calls - self.peak_call), len(rows)
+
+
+@pytest.mark.timeout(300)
+def test_validation_exports_the_best_step_not_the_last(ray_session, examples, tiny_t5_dir, tmp_path):
+    """Validated every 4 steps of 16, best at step 8: the export equals the same run stopped at step 8 (and
+    not its last step); the log carries val_accuracy at 4, 8, 12, 16 and the summary names step 8."""
+    import dataclasses
+
+    ds = _dataset(ray_session, examples, tiny_t5_dir)
+    kw = dict(batch_size=8, max_steps=16, lr=3e-3, log_every_steps=4)
+    rows = [{"question": f"q{i}"} for i in range(10)]
+    task = dataclasses.replace(seq2seq_task(tiny_t5_dir), validate_fn=_PeaksAt(peak_call=2))
+    cfg = StudentConfig(num_workers=0, **kw)
+    out = str(tmp_path / "validated")
+    res = train(task, ds, cfg, out, str(tmp_path / "ckpt"), "validated", {"init_model": tiny_t5_dir}, shuffle=False,
+                validation=rows, validate_every=4)
+    _, at8 = _run(ds, tiny_t5_dir, tmp_path, "stop8", **dict(kw, max_steps=8))
+    _, at16 = _run(ds, tiny_t5_dir, tmp_path, "stop16", **kw)
+    best = _weights(out)
+    assert all(torch.equal(best[k], _weights(at8)[k]) for k in best)
+    assert any(not torch.equal(best[k], _weights(at16)[k]) for k in best)
+    log = [json.loads(x) for x in open(os.path.join(out, "train_log.jsonl"))]
+    assert {e["step"]: e["val_accuracy"] for e in log if "val_accuracy" in e} == {4: 0.9, 8: 1.0, 12: 0.9, 16: 0.8}
+    summary = json.load(open(os.path.join(out, "train_summary.json")))
+    assert summary["exported_step"] == 8 and summary["best_val_accuracy"] == 1.0 and res["steps"] == 16
+    with pytest.raises(ValueError, match="validate_fn"):
+        train(seq2seq_task(tiny_t5_dir), ds, cfg, out, str(tmp_path / "ckpt"), "x", {"init_model": tiny_t5_dir},
+              validation=rows, validate_every=4)

@@ -15,20 +15,25 @@ import torch
 
 from kard_ray.config import StudentConfig
 from kard_ray.training.core import train
-from kard_ray.training.student import seq2seq_task, tokenize_examples
-from oracle_examples import oracle_examples
+from kard_ray.training.student import Seq2SeqValidate, seq2seq_task, tokenize_examples
+from oracle_examples import oracle_examples, oracle_validation_rows
 
 STEPS, CKPT_EVERY, FAIL_AT, KEEP = 30, 10, 15, 2
+VALIDATE_EVERY = 5  # the DDP runs validate (and export their best step): across the resume at step 10 too
 
 
-def _fit(ray, synthetic_task, tiny_t5_dir, tmp, name, fail_at=FAIL_AT, **cfg_kw):
+def _fit(ray, synthetic_task, tiny_t5_dir, tmp, name, fail_at=FAIL_AT, validate=False, **cfg_kw):
     rows = oracle_examples(synthetic_task, "kard")
     ds = tokenize_examples(ray.data.from_items(rows), tiny_t5_dir, 128, None).materialize()
     cfg = StudentConfig(num_workers=2, batch_size=8, lr=3e-3, max_steps=STEPS, checkpoint_every_steps=CKPT_EVERY,
                         keep_checkpoints=KEEP, max_failures=1, log_every_steps=10, **cfg_kw)
     out, storage = str(tmp / "model"), str(tmp / "ckpt")
-    result = train(seq2seq_task(tiny_t5_dir), ds, cfg, out, storage, name, {"init_model": tiny_t5_dir},
-                   resume=False, fail_at_step=fail_at)
+    task, held = seq2seq_task(tiny_t5_dir), None
+    if validate:  # the real validator (greedy decoding, answer reading) on each rank's share of the rows
+        task = seq2seq_task(tiny_t5_dir, Seq2SeqValidate(tiny_t5_dir, "synthetic", "kard", 24, 128, "letter_or_text"))
+        held = oracle_validation_rows(synthetic_task)
+    result = train(task, ds, cfg, out, storage, name, {"init_model": tiny_t5_dir}, resume=False,
+                   fail_at_step=fail_at, validation=held, validate_every=VALIDATE_EVERY if validate else 0)
     return result, out, os.path.join(storage, name)
 
 
@@ -74,7 +79,7 @@ def _check_export_generates(out: str):
 
 @pytest.fixture(scope="module")
 def ddp_run(ray_session, synthetic_task, tiny_t5_dir, tmp_path_factory):
-    return _fit(ray_session, synthetic_task, tiny_t5_dir, tmp_path_factory.mktemp("ddp"), "ddp_test")
+    return _fit(ray_session, synthetic_task, tiny_t5_dir, tmp_path_factory.mktemp("ddp"), "ddp_test", validate=True)
 
 
 @pytest.mark.timeout(420)
@@ -97,12 +102,20 @@ def test_ddp_worker_failure_resumes_at_exact_step(ddp_run):
 def test_ddp_interrupted_and_resumed_equals_uninterrupted(ddp_run, ray_session, synthetic_task, tiny_t5_dir,
                                                           tmp_path):
     """Exact resume on 2 workers: the run killed at step 15 and resumed from its step-10 checkpoint logs the
-    same loss at every step and ends with the same weights (torch.equal) as the same run never interrupted."""
+    same loss at every step, the same validation accuracies, and exports the same (best-validating) weights
+    (torch.equal) as the same run never interrupted."""
     result, out, _ = ddp_run
-    clean, clean_out, clean_path = _fit(ray_session, synthetic_task, tiny_t5_dir, tmp_path, "ddp_clean", fail_at=None)
+    clean, clean_out, clean_path = _fit(ray_session, synthetic_task, tiny_t5_dir, tmp_path, "ddp_clean", fail_at=None,
+                                        validate=True)
     assert not any(f.endswith(".marker") for f in os.listdir(clean_path))
     assert result["loss_curve"] == clean["loss_curve"]
     assert_same_weights(out, clean_out)
+    # validation (each rank decodes its share, summed) saw the same accuracies, and both exported the same
+    # best step: the best weights so far travel with the step-10 checkpoint the interrupted run resumed from
+    summaries = [json.load(open(os.path.join(d, "train_summary.json"))) for d in (out, clean_out)]
+    assert summaries[0]["val_accuracy"] == summaries[1]["val_accuracy"]
+    assert set(summaries[0]["val_accuracy"]) == {str(s) for s in range(VALIDATE_EVERY, STEPS + 1, VALIDATE_EVERY)}
+    assert summaries[0]["exported_step"] == summaries[1]["exported_step"]
 
 
 @pytest.mark.timeout(420)

@@ -96,3 +96,25 @@ def test_rationales_path(cfg: KardConfig, run: io.RunDir) -> str | None:
     if not path and cfg.data.dataset == "synthetic":
         path = synthetic_inputs(run)["test_rationales"]
     return path if path and io.exists(path) else None
+
+
+def validation_group(question_id: str, dataset: str) -> str:
+    """What a validation split holds out as a whole: for the synthetic task an entity (its question ids
+    are `<split>-<entity>-<attribute>`, so every question of a held-out entity goes together and none of
+    its facts is trained on), for a real dataset the question."""
+    return question_id.rsplit("-", 1)[0] if dataset == "synthetic" else question_id
+
+
+def validation_ids(question_ids, fraction: float, dataset: str) -> set[str]:
+    """The training questions held out for validation: groups whose stable hash falls under `fraction`
+    (the same ids for the same fraction, whatever else is in the split)."""
+    import hashlib
+
+    if fraction <= 0:
+        return set()
+    out = set()
+    for qid in question_ids:
+        digest = hashlib.blake2b(validation_group(qid, dataset).encode(), digest_size=8).digest()
+        if int.from_bytes(digest, "big") / 2 ** 64 < fraction:
+            out.add(qid)
+    return out

@@ -33,17 +33,22 @@ GENERATION_DEFAULTS = "kard_generation.json"
 TARGET_MARGIN_TOKENS = 8
 
 
-def write_generation_defaults(model_dir: str, target_lengths: list[int]) -> dict:
-    """Record the training targets' token lengths and the max_new_tokens they call for: their
-    99th percentile plus a margin (a whole target, answer line included, for nearly every question)."""
+def generation_defaults(target_lengths: list[int]) -> dict:
+    """The training targets' token lengths and the max_new_tokens they call for: their 99th percentile
+    plus a margin (a whole target, answer line included, for nearly every question)."""
     import numpy as np
-
-    from kard_ray import io
 
     lengths = np.asarray(target_lengths or [0])
     p99 = int(np.ceil(np.percentile(lengths, 99)))
-    info = {"target_tokens_p50": int(np.median(lengths)), "target_tokens_p99": p99,
+    return {"target_tokens_p50": int(np.median(lengths)), "target_tokens_p99": p99,
             "target_tokens_max": int(lengths.max()), "max_new_tokens": p99 + TARGET_MARGIN_TOKENS}
+
+
+def write_generation_defaults(model_dir: str, target_lengths: list[int]) -> dict:
+    """`generation_defaults`, written beside a trained student (what `eval.max_new_tokens: null` reads)."""
+    from kard_ray import io
+
+    info = generation_defaults(target_lengths)
     io.write_json(io.join(model_dir, GENERATION_DEFAULTS), info)
     return info
 
@@ -108,8 +113,27 @@ class StudentGenerator:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_seq2seq(model_dir).to(self.device).eval()
+        self._configure(dataset, resolve_max_new_tokens(model_dir, max_new_tokens), decoding, n_votes, temperature,
+                        max_source_length, score_by, seed, variant)
+
+    @classmethod
+    def wrap(cls, model, tokenizer, dataset: str, max_new_tokens: int, **kw) -> "StudentGenerator":
+        """The same reading around a model in memory (validation during training: the trainer's model,
+        in eval mode, on its own device)."""
+        import torch
+
+        self = cls.__new__(cls)
+        self.torch, self.model, self.tokenizer = torch, model, tokenizer
+        self.device = next(model.parameters()).device
+        self._configure(dataset, int(max_new_tokens), kw.get("decoding", "greedy"), kw.get("n_votes", 1),
+                        kw.get("temperature", 0.7), kw.get("max_source_length", 512), kw.get("score_by", "letter_or_text"),
+                        kw.get("seed", 0), kw.get("variant", "kard"))
+        return self
+
+    def _configure(self, dataset, max_new_tokens, decoding, n_votes, temperature, max_source_length, score_by,
+                   seed, variant) -> None:
         self.dataset = dataset
-        self.max_new_tokens = resolve_max_new_tokens(model_dir, max_new_tokens)
+        self.max_new_tokens = max_new_tokens
         self.variant = variant  # what its targets look like: "ft" answers alone, "kard"/"rd" rationale first
         self.decoding = decoding
         self.n_votes = n_votes if decoding == "sample" else 1

@@ -41,6 +41,7 @@ N_KEY = "_n_items"  # added to every collated batch by the core (popped before l
 LOG_FILE = "train_log.jsonl"
 META_FILE = "meta.json"
 SUMMARY_FILE = "train_summary.json"
+BEST_FILE = "best_weights.pt"  # in a checkpoint: the best-validating weights so far (rank 0)
 FAIL_ENV = "KARD_TRAIN_FAIL_AT_STEP"
 
 
@@ -58,6 +59,9 @@ class TrainTask:
                                                seq2seq model); None = rows
     flops_per_token(module) -> float           for MFU (GPU only); None = kard_ray.models.flops_per_token
     find_unused_parameters                     DDP option for models with branches unused per step
+    validate_fn(module, rows) -> (correct, n)  score held-out rows (this rank's share) with the model in
+                                               eval mode; `train(validation=..., validate_every=N)`
+                                               then exports the best-scoring step's weights
     """
 
     build_model: Callable[[dict], torch.nn.Module]
@@ -67,6 +71,7 @@ class TrainTask:
     count_fn: Optional[Callable[[dict[str, torch.Tensor]], int]] = None
     flops_per_token: Optional[Callable[[torch.nn.Module], float]] = None
     find_unused_parameters: bool = False
+    validate_fn: Optional[Callable[[torch.nn.Module, list[dict]], tuple[int, int]]] = None
 
 
 @dataclass(frozen=True)
@@ -241,7 +246,7 @@ def _train_step(engine, task: TrainTask, micro: list[dict], step: int, world: in
 
 
 def _save_checkpoint(engine, config: dict, plan: Plan, step: int, metrics: dict, progress: Progress,
-                     rank: int) -> None:
+                     rank: int, best: Optional["_Best"] = None) -> None:
     """Every rank writes its part (DeepSpeed shard, RNG state) to a temp dir and reports it; Ray Train
     merges the ranks' files into one checkpoint directory and keeps the last K. meta.json carries the
     run's fingerprint and the inputs behind it, so a later run can tell whether this is its own."""
@@ -255,6 +260,10 @@ def _save_checkpoint(engine, config: dict, plan: Plan, step: int, metrics: dict,
             meta = {"step": step, "fingerprint": config["fingerprint"], "inputs": config["weight_inputs"],
                     "log": progress.log, "train_time_s": metrics["train_time_s"], "strategy": engine.name,
                     "world": plan.world}
+            if best is not None and best.step >= 0:
+                # the best weights so far travel with the checkpoint, so a resumed run exports the same best
+                meta["best"] = {"step": best.step, "score": best.score}
+                torch.save(best.state, os.path.join(tmp, BEST_FILE))
             with open(os.path.join(tmp, META_FILE), "w") as fh:
                 json.dump(meta, fh)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp),
@@ -278,7 +287,7 @@ def _set_rng_state(st: dict) -> None:
 
 
 def _restore(engine, config: dict, rank: int):
-    """(start_step, log, prior_train_time_s) from the latest checkpoint, or None to start fresh.
+    """(start_step, log, prior_train_time_s, best) from the latest checkpoint, or None to start fresh.
 
     The driver has already moved aside checkpoints of any other run (`_prepare_storage`); the
     fingerprint is checked again here because a checkpoint is only ever restored into its own run."""
@@ -300,14 +309,28 @@ def _restore(engine, config: dict, rank: int):
         rng = os.path.join(d, f"rng_rank{rank}.pt")
         if os.path.exists(rng):
             _set_rng_state(torch.load(rng, weights_only=False))
+        best = _Best()
+        if meta.get("best"):
+            best.step, best.score = int(meta["best"]["step"]), float(meta["best"]["score"])
+            if rank == 0:
+                best.state = torch.load(os.path.join(d, BEST_FILE), weights_only=True)
     if rank == 0:
         emit(f"[{config['name']}] resumed from {ckpt.path} at step {meta['step']}", True)
-    return int(meta["step"]), list(meta["log"]), float(meta.get("train_time_s", 0.0))
+    return int(meta["step"]), list(meta["log"]), float(meta.get("train_time_s", 0.0)), best
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """The shuffle seed of one epoch: a hash of (seed, epoch), so (0, 1) and (1, 0) differ."""
     return int.from_bytes(hashlib.blake2b(f"{seed}\x1f{epoch}".encode(), digest_size=4).digest(), "big")
+
+
+@dataclass
+class _Best:
+    """The best validation score so far, its step, and (rank 0) a CPU copy of its weights."""
+
+    step: int = -1
+    score: float = float("-inf")
+    state: Optional[dict] = None
 
 
 @dataclass
@@ -324,6 +347,7 @@ class _Worker:
     engine: object
     flops_per_token: Optional[float] = None
     progress: Optional[Progress] = None
+    validation: tuple = ()  # this rank's share of the held-out rows
 
 
 @dataclass
@@ -335,6 +359,7 @@ class _State:
     skip: int
     last_ckpt: int
     metrics: Optional[dict] = None
+    best: Optional[_Best] = None
 
 
 def _setup_worker(config: dict) -> _Worker:
@@ -362,13 +387,14 @@ def _setup_worker(config: dict) -> _Worker:
 
         fpt = (task.flops_per_token or flops_per_token)(model)
     engine = make_engine(cfg, model, plan.total_steps, device, world, task.find_unused_parameters)
-    return _Worker(task, cfg, plan, rank, world, local_mode, device, engine, flops_per_token=fpt)
+    return _Worker(task, cfg, plan, rank, world, local_mode, device, engine, flops_per_token=fpt,
+                   validation=tuple(config["validation"][rank::world]))
 
 
 def _resume_state(w: _Worker, config: dict) -> _State:
     """Restore the identical run's latest checkpoint (or start at step 0) and open the progress log."""
     restored = _restore(w.engine, config, w.rank)
-    start_step, log, prior_time = restored if restored else (0, [], 0.0)
+    start_step, log, prior_time, best = restored if restored else (0, [], 0.0, _Best())
     output_dir = config["output_dir"]
     if w.rank == 0 and restored is None and io.exists(output_dir):
         io.remove(output_dir)  # fresh run: no stale model files or log next to the new ones
@@ -381,7 +407,36 @@ def _resume_state(w: _Worker, config: dict) -> _State:
     # micro-batches of the current epoch already trained on: skipped, so the resumed run sees exactly
     # the batches the uninterrupted one would (the epoch's order is a function of (seed, epoch))
     return _State(step=start_step, epoch=start_step // spe, skip=(start_step % spe) * w.cfg.grad_accum,
-                  last_ckpt=start_step if restored else -1)
+                  last_ckpt=start_step if restored else -1, best=best)
+
+
+def _validate(w: _Worker, config: dict, st: _State) -> Optional[float]:
+    """Validation accuracy at this step when due (every `validate_every` steps and at the last): each
+    rank scores its share of the held-out rows, one all-reduce sums them. A new best keeps (rank 0) a
+    CPU copy of the weights. Greedy decoding in eval mode draws no random numbers, so a resumed run
+    trains exactly as the uninterrupted one."""
+    every = config["validate_every"]
+    if not every or not (st.step % every == 0 or st.step == w.plan.total_steps):
+        return None
+    model = w.engine.unwrapped
+    model.eval()
+    try:
+        with torch.no_grad():
+            correct, n = w.task.validate_fn(model, list(w.validation)) if w.validation else (0, 0)
+    finally:
+        model.train()
+    counts = torch.tensor([float(correct), float(n)], dtype=torch.float64, device=w.device)
+    if w.world > 1 and dist.is_initialized():
+        dist.all_reduce(counts)
+    acc = float(counts[0] / counts[1]) if counts[1] > 0 else 0.0
+    if acc > st.best.score:  # ties keep the earlier step
+        st.best.step, st.best.score = st.step, acc
+        if w.rank == 0:
+            st.best.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    if w.rank == 0:
+        emit(f"[{config['name']}] step {st.step}: val_accuracy {acc:.3f} on {int(counts[1])} questions "
+             f"(best {st.best.score:.3f} at step {st.best.step})", not w.local_mode)
+    return acc
 
 
 def _epoch_batches(w: _Worker, config: dict, epoch: int):
@@ -402,7 +457,8 @@ def _after_step(w: _Worker, config: dict, st: _State, loss, gnorm, lr: float) ->
     import ray.train
 
     plan, cfg = w.plan, w.cfg
-    w.progress.record(st.step, st.epoch, loss, gnorm, lr)
+    val = _validate(w, config, st)
+    w.progress.record(st.step, st.epoch, loss, gnorm, lr, extra=None if val is None else {"val_accuracy": val})
     _maybe_fail(config, st.step, w.rank, w.world)
     ckpt_every = 0 if w.local_mode else cfg.checkpoint_every_steps
     last = st.step == plan.total_steps
@@ -415,7 +471,7 @@ def _after_step(w: _Worker, config: dict, st: _State, loss, gnorm, lr: float) ->
         if log_now:
             w.progress.print_line(st.metrics)
         if want_ckpt:
-            _save_checkpoint(w.engine, config, plan, st.step, st.metrics, w.progress, w.rank)
+            _save_checkpoint(w.engine, config, plan, st.step, st.metrics, w.progress, w.rank, st.best)
             st.last_ckpt = st.step
         else:
             ray.train.report(st.metrics)
@@ -459,12 +515,14 @@ def train_loop_per_worker(config: dict) -> None:
     if st.metrics is None:  # resumed at the last step: nothing trained in this attempt
         st.metrics = w.progress.flush(st.step)
     # throughput as of the last step (the final checkpoint's I/O is not training time)
-    _export(w.engine, w.task, config, w.plan, st.metrics, w.progress, w.rank, w.world, st.last_ckpt == st.step)
+    _export(w.engine, w.task, config, w.plan, st.metrics, w.progress, w.rank, w.world, st.last_ckpt == st.step,
+            st.best if config["validate_every"] else None)
 
 
 def _export(engine, task: TrainTask, config: dict, plan: Plan, metrics: dict, progress: Progress, rank: int,
-            world: int, have_final_ckpt: bool) -> None:
-    """The trained fp32 weights as a `save_pretrained` directory (rank 0), plus the train summary."""
+            world: int, have_final_ckpt: bool, best: Optional[_Best] = None) -> None:
+    """The trained fp32 weights (with validation: the best step's) as a `save_pretrained` directory
+    (rank 0), plus the train summary."""
     import ray.train
 
     ckpt_dir_ctx = None
@@ -483,14 +541,17 @@ def _export(engine, task: TrainTask, config: dict, plan: Plan, metrics: dict, pr
     else:
         model = engine.export_model(task.build_model, config["model_config"], None, rank)
         if rank == 0:
+            if best is not None and best.state is not None:
+                model.load_state_dict(best.state)  # the best-validating step, not the last
             _write_export(task, model, out)
     if rank == 0:
-        _write_summary(config, plan, metrics, progress, engine.name, world)
+        _write_summary(config, plan, metrics, progress, engine.name, world, best)
     if world > 1:
         dist.barrier()
 
 
-def _write_summary(config: dict, plan: Plan, metrics: dict, progress: Progress, strategy: str, world: int) -> None:
+def _write_summary(config: dict, plan: Plan, metrics: dict, progress: Progress, strategy: str, world: int,
+                   best: Optional[_Best] = None) -> None:
     losses = [e["loss"] for e in progress.log]
     tail = losses[-min(10, len(losses)):] if losses else [float("nan")]
     summary = {"steps": len(progress.log), "final_loss": float(np.mean(tail)),
@@ -501,6 +562,9 @@ def _write_summary(config: dict, plan: Plan, metrics: dict, progress: Progress, 
                "fingerprint": config["fingerprint"], "config": config["weight_inputs"]}
     if "mfu" in metrics:
         summary["mfu"] = metrics["mfu"]
+    if best is not None:
+        summary.update(exported_step=best.step, best_val_accuracy=best.score,
+                       val_accuracy={e["step"]: e["val_accuracy"] for e in progress.log if "val_accuracy" in e})
     io.write_json(io.join(config["output_dir"], SUMMARY_FILE), summary)
 
 
@@ -583,7 +647,9 @@ def _scaling(cfg: TrainingConfig):
 
 def train(task: TrainTask, train_ds, cfg: TrainingConfig, output_dir: str, storage_path: str, name: str,
           model_config: dict, *, seed: int = 0, resume: bool = True, shuffle: bool = True,
-          fail_at_step: Optional[int] = None, data_digest: Optional[str] = None) -> dict:
+          fail_at_step: Optional[int] = None, data_digest: Optional[str] = None,
+          validation: Optional[list[dict]] = None, validate_every: int = 0,
+          validation_key: Optional[dict] = None) -> dict:
     """Train `task` on `train_ds` (a Ray Dataset of rows `task.collate_fn` understands).
 
     Runs TorchTrainer with `cfg.num_workers` workers (or in-process when 0), exports the final model
@@ -596,6 +662,9 @@ def train(task: TrainTask, train_ds, cfg: TrainingConfig, output_dir: str, stora
     config, init model files and `data_digest` (a content digest of the examples, `tree_digest`).
     Anything else moves the old checkpoints aside and trains from scratch.
     fail_at_step (or env KARD_TRAIN_FAIL_AT_STEP) makes the last rank raise once at that step.
+    validation rows + validate_every=N: `task.validate_fn` scores them every N steps and at the last
+    (DDP only); the export is the best step's weights and the summary names it (`exported_step`).
+    validation_key: how the rows are read (part of the fingerprint: it decides which step is exported).
     """
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -604,9 +673,17 @@ def train(task: TrainTask, train_ds, cfg: TrainingConfig, output_dir: str, stora
         raise ValueError("strategy=deepspeed needs num_workers >= 1 (DeepSpeed runs in Ray Train workers)")
     if cfg.use_gpu and cfg.num_workers == 0 and not torch.cuda.is_available():
         raise ValueError("use_gpu=true with num_workers=0 but the driver sees no CUDA device")
+    validation = list(validation or []) if validate_every else []
+    if validate_every and (task.validate_fn is None or not validation):
+        raise ValueError(f"validate_every={validate_every} needs held-out rows and a TrainTask.validate_fn")
+    if validate_every and cfg.strategy != "ddp":
+        raise ValueError("validation during training needs strategy=ddp (each rank decodes with the whole model)")
     n_rows = train_ds.count()
     plan = make_plan(cfg, n_rows)
     inputs = weight_inputs(cfg, model_config, seed, n_rows, data_digest)
+    if validate_every:  # which step is exported depends on the held-out rows and how often they are scored
+        inputs["validation"] = {"every": validate_every, **(validation_key or {}), "rows": hashlib.sha256(
+            json.dumps(validation, sort_keys=True, default=str).encode()).hexdigest()[:16]}
     fingerprint = fingerprint_of(inputs)
     if not io.is_uri(storage_path):
         storage_path = os.path.abspath(storage_path)
@@ -618,6 +695,7 @@ def train(task: TrainTask, train_ds, cfg: TrainingConfig, output_dir: str, stora
         "task": task, "cfg": cfg, "plan": plan, "model_config": model_config, "output_dir": output_dir,
         "name": name, "seed": seed, "shuffle": shuffle, "local_mode": cfg.num_workers == 0,
         "fingerprint": fingerprint, "weight_inputs": inputs, "fail_at_step": fail_at_step,
+        "validation": validation, "validate_every": validate_every,
         "fail_marker": io.join(run_path, f"fail_once_at_step_{fail_at_step}.marker") if fail_at_step is not None else None,
     }
     storage, storage_fs = io.train_storage(storage_path)  # a URI's endpoint/region reach Ray Train too
@@ -640,9 +718,42 @@ def train(task: TrainTask, train_ds, cfg: TrainingConfig, output_dir: str, stora
     train_ds.context.execution_options.preserve_order = True
     trainer = TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=_scaling(cfg),
                            run_config=run_config, datasets={"train": train_ds},
-                           dataset_config=ray.train.DataConfig(execution_options=ingest))
+                           dataset_config=_ordered_split_config(ingest))
     trainer.fit()
     return read_result(output_dir)
+
+
+def ordered(ds):
+    """`ds` executing with preserve_order: its blocks come out in input order, not in the order its tasks
+    finish. Every dataset a training reads goes through it before it is materialised: a seeded shuffle
+    of blocks that arrive in a load-dependent order is not reproducible (two runs of one config trained
+    on different batches from step 1)."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def _ordered_split_config(ingest):
+    """Ray Train's DataConfig, except that several workers get fixed shares: `Dataset.split(n, equal=True)`
+    (rows in block order) instead of `streaming_split`, whose output splitter hands each block to whichever
+    worker asks next, so under load rank 0 of one run and rank 0 of the next (or of a restarted worker
+    group) train on different rows. Fixed shares are what makes a multi-worker run reproducible and its
+    resume exact. They are materialized in the object store (the student's and reranker's tokenised
+    examples are small); one worker still streams."""
+    import ray.train
+
+    class OrderedSplit(ray.train.DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            if world_size <= 1:
+                return super().configure(datasets, world_size, worker_handles, worker_node_ids, **kwargs)
+            output = [{} for _ in range(world_size)]
+            for name, ds in datasets.items():
+                ds = ds.copy(ds)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, part in enumerate(ds.split(world_size, equal=True)):
+                    output[i][name] = part.iterator()
+            return output
+
+    return OrderedSplit(execution_options=ingest)
 
 
 def read_result(output_dir: str) -> dict:

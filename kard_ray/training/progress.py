@@ -82,7 +82,7 @@ class Progress:
         self.start_step = start_step
         self.log: list[dict] = list(log)  # rank 0: every step so far (restored from the checkpoint)
         self.prior_train_time_s = prior_train_time_s
-        self._pending: list[tuple[int, int, torch.Tensor, torch.Tensor, float]] = []
+        self._pending: list[tuple[int, int, torch.Tensor, torch.Tensor, float, Optional[dict]]] = []
         self._tokens = torch.zeros((), dtype=torch.float64, device=device)  # this rank, this attempt
         self._tokens_global = 0.0
         self._t0 = time.perf_counter()
@@ -94,8 +94,10 @@ class Progress:
     def add_tokens(self, n) -> None:
         self._tokens += n
 
-    def record(self, step: int, epoch: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float) -> None:
-        self._pending.append((step, epoch, loss.detach().float(), grad_norm.detach().float(), lr))
+    def record(self, step: int, epoch: int, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+               extra: Optional[dict] = None) -> None:
+        """extra: plain numbers logged with the step (e.g. val_accuracy, already the same on every rank)."""
+        self._pending.append((step, epoch, loss.detach().float(), grad_norm.detach().float(), lr, extra))
 
     # -- flush -----------------------------------------------------------------------------------
     def elapsed(self) -> float:
@@ -115,8 +117,8 @@ class Progress:
                 tok = flat[-1]
             vals = vals.cpu().tolist()
             self._tokens_global = float(tok)
-            for (s, ep, _, _, lr), (loss, gn) in zip(pending, vals):
-                self.log.append({"step": s, "epoch": ep, "loss": loss, "grad_norm": gn, "lr": lr})
+            for (s, ep, _, _, lr, extra), (loss, gn) in zip(pending, vals):
+                self.log.append({"step": s, "epoch": ep, "loss": loss, "grad_norm": gn, "lr": lr, **(extra or {})})
             if self.rank == 0 and self.log_path:
                 self._append_log()
         return self.metrics(step)

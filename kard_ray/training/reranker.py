@@ -41,7 +41,7 @@ from kard_ray.io import RunDir
 from kard_ray.inference.reranker import (
     ARCHITECTURES, build_reranker, encode_pairs, encode_texts, load_reranker_tokenizer, save_reranker)
 from kard_ray.knowledge import format_passage
-from kard_ray.training.core import TrainTask, make_plan, train, tree_digest
+from kard_ray.training.core import TrainTask, make_plan, ordered, train, tree_digest
 from kard_ray.training.reranker_mining import EXAMPLES_SCHEMA, mine_candidates
 
 __all__ = ["EXAMPLES_SCHEMA", "listwise_loss", "mine_candidates", "reranker_task", "sample_candidates",
@@ -252,8 +252,8 @@ def reranker_dataset(cfg: KardConfig, run: RunDir):
     if not io.exists(run.examples("reranker")):
         raise FileNotFoundError(f"{run.examples('reranker')}: no mined reranker examples (run the `mine` stage, "
                                 "or kard_ray.training.reranker_mining.mine_candidates, first)")
-    ds = ray.data.read_parquet(run.examples("reranker"), file_extensions=["parquet"]).select_columns(TRAIN_COLUMNS)
-    return ds.random_shuffle(seed=cfg.seed).materialize()
+    ds = ordered(ray.data.read_parquet(run.examples("reranker"), file_extensions=["parquet"]).select_columns(TRAIN_COLUMNS))
+    return ordered(ds.random_shuffle(seed=cfg.seed)).materialize()
 
 
 def train_reranker(cfg: KardConfig, run: RunDir, init_model: str, *, resume: bool = True,

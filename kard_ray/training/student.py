@@ -23,12 +23,12 @@ import torch
 
 from kard_ray import io
 from kard_ray.config import KardConfig
-from kard_ray.data.stage import read_questions
+from kard_ray.data.stage import read_questions, validation_ids
 from kard_ray.inference.formats import VARIANTS, answer_letter, encode_sources, format_source, format_target
-from kard_ray.inference.generator import write_generation_defaults
+from kard_ray.inference.generator import StudentGenerator, generation_defaults, write_generation_defaults
 from kard_ray.io import RunDir
 from kard_ray.teacher.kept import kept_rationales
-from kard_ray.training.core import TrainTask, train, tree_digest
+from kard_ray.training.core import TrainTask, ordered, train, tree_digest
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,9 +62,9 @@ def _tokenize_batch(batch: pa.Table, tokenizer_path: str, max_source_length: int
 
 def tokenize_examples(ds, tokenizer_path: str, max_source_length: int, max_target_length: Optional[int]):
     """Ray Data: {question_id, sample, source, target} -> {question_id, sample, input_ids, labels}."""
-    return ds.map_batches(_tokenize_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.5,
-                          fn_kwargs={"tokenizer_path": tokenizer_path, "max_source_length": max_source_length,
-                                     "max_target_length": max_target_length})
+    return ordered(ds.map_batches(_tokenize_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.5,
+                                  fn_kwargs={"tokenizer_path": tokenizer_path, "max_source_length": max_source_length,
+                                             "max_target_length": max_target_length}))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -134,13 +134,41 @@ class Seq2SeqExport:
         _tokenizer(self.tokenizer_path).save_pretrained(directory)
 
 
-def seq2seq_task(init_model: str) -> TrainTask:
+class Seq2SeqValidate:
+    """Validation accuracy of the student in training, read as test time reads it: the same
+    `StudentGenerator` (formatting, truncation, greedy decoding, answer reading) around the trainer's
+    model. Rows: {question, options, passages (None for RD/FT), answer}."""
+
+    def __init__(self, tokenizer_path: str, dataset: str, variant: str, max_new_tokens: int, max_source_length: int,
+                 score_by: str):
+        self.tokenizer_path, self.dataset, self.variant = tokenizer_path, dataset, variant
+        self.max_new_tokens, self.max_source_length, self.score_by = max_new_tokens, max_source_length, score_by
+
+    def __call__(self, model: torch.nn.Module, rows: list[dict]) -> tuple[int, int]:
+        gen = StudentGenerator.wrap(model, _tokenizer(self.tokenizer_path), self.dataset, self.max_new_tokens,
+                                    max_source_length=self.max_source_length, score_by=self.score_by,
+                                    variant=self.variant)
+        cache = model.config.use_cache
+        model.config.use_cache = True  # off for training; generation wants it
+        try:
+            correct = 0
+            for i in range(0, len(rows), 16):
+                chunk = rows[i:i + 16]
+                preds = gen.predict([r["question"] for r in chunk], [list(r["options"]) for r in chunk],
+                                    [None if r["passages"] is None else list(r["passages"]) for r in chunk])
+                correct += sum(p.pred_index == int(r["answer"]) for p, r in zip(preds, chunk))
+        finally:
+            model.config.use_cache = cache
+        return correct, len(rows)
+
+
+def seq2seq_task(init_model: str, validate_fn=None) -> TrainTask:
     tok = _tokenizer(init_model)
     if tok.pad_token_id is None:
         raise ValueError(f"tokenizer of {init_model} has no pad token")
     return TrainTask(build_model=Seq2SeqBuild(), loss_fn=seq2seq_loss, collate_fn=Seq2SeqCollate(tok.pad_token_id),
                      export_fn=Seq2SeqExport(init_model), count_fn=count_target_tokens,
-                     flops_per_token=seq2seq_flops_per_token)
+                     flops_per_token=seq2seq_flops_per_token, validate_fn=validate_fn)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -181,11 +209,15 @@ def build_student_examples(cfg: KardConfig, run: RunDir, variant: Literal["kard"
     if variant not in VARIANTS:
         raise ValueError(f"variant {variant!r}: expected one of {VARIANTS}")
     questions = read_questions(run, "train")
+    held = validation_ids(questions, cfg.student.validation_fraction, cfg.data.dataset)
+    write_validation_rows(cfg, run, variant, {q: questions[q] for q in sorted(held)})
     if variant == "ft":
-        base = [{"question_id": qid, "sample": 0, "rationale": None, **_q_fields(q)} for qid, q in questions.items()]
+        base = [{"question_id": qid, "sample": 0, "rationale": None, **_q_fields(q)} for qid, q in questions.items()
+                if qid not in held]
     else:
         base = [{"question_id": r["question_id"], "sample": int(r["sample"]), "rationale": r["text"],
-                 **_q_fields(questions[r["question_id"]])} for r in student_rationales(cfg, run, questions)]
+                 **_q_fields(questions[r["question_id"]])} for r in student_rationales(cfg, run, questions)
+                if r["question_id"] not in held]
     schema = pa.schema([("question_id", pa.string()), ("sample", pa.int64()), ("rationale", pa.string()),
                         ("question", pa.string()), ("options", pa.list_(pa.string())), ("answer", pa.int64())])
     ds = ray.data.from_arrow(pa.Table.from_pylist(base, schema=schema))
@@ -200,6 +232,42 @@ def build_student_examples(cfg: KardConfig, run: RunDir, variant: Literal["kard"
         io.remove(out)
     ds.write_parquet(out)
     return out
+
+
+def validation_path(run: RunDir, variant: str) -> str:
+    return run.examples(f"val_student_{variant}")
+
+
+def write_validation_rows(cfg: KardConfig, run: RunDir, variant: str, held: dict[str, dict]) -> None:
+    """The held-out questions as the variant's student sees them at test time: KARD with the `eval.k`
+    passages BM25 retrieves by the question (what test time has; never the rationale's), RD and FT
+    without passages. At most `student.validation_max_questions`, in id order."""
+    import ray
+
+    from kard_ray.inference.formats import question_query
+    from kard_ray.inference.passages import passages_for
+    from kard_ray.knowledge import format_passage
+
+    path = validation_path(run, variant)
+    if io.exists(path):
+        io.remove(path)
+    if not held:
+        return
+    rows = [{"question_id": qid, "query": question_query(q["question"], q["options"]), **_q_fields(q)}
+            for qid, q in list(held.items())[: cfg.student.validation_max_questions]]
+    if variant == "kard":
+        table = passages_for(ray.data.from_items(rows), "kard_bm25", cfg, run).to_arrow_refs()
+        got = {r["question_id"]: r for t in ray.get(table) for r in t.to_pylist()}
+        for r in rows:
+            hit = got[r["question_id"]]
+            r["passages"] = [format_passage(t, x) for t, x in zip(hit["passage_titles"], hit["passage_texts"])]
+    else:
+        for r in rows:
+            r["passages"] = None
+    schema = pa.schema([("question_id", pa.string()), ("question", pa.string()), ("options", pa.list_(pa.string())),
+                        ("answer", pa.int64()), ("passages", pa.list_(pa.string()))])
+    io.write_table(pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema=schema),
+                   io.join(path, "part-0.parquet"))
 
 
 def _q_fields(q: dict) -> dict:
@@ -217,11 +285,11 @@ def student_dataset(cfg: KardConfig, run: RunDir, variant: str, init_model: str)
     path = run.examples(f"student_{variant}")
     if not io.exists(path):
         build_student_examples(cfg, run, variant)
-    ds = ray.data.read_parquet(path)
+    ds = ordered(ray.data.read_parquet(path))
     ds = tokenize_examples(ds, init_model, cfg.student.max_source_length, cfg.student.max_target_length)
     # one global shuffle (small data), then a local shuffle buffer per epoch in the loop;
     # materialised so epochs do not re-read and re-tokenise
-    return ds.random_shuffle(seed=cfg.seed).materialize()
+    return ordered(ds.random_shuffle(seed=cfg.seed)).materialize()
 
 
 def train_student(cfg: KardConfig, run: RunDir, variant: str, init_model: str, *, resume: bool = True,
@@ -240,18 +308,46 @@ def train_student(cfg: KardConfig, run: RunDir, variant: str, init_model: str, *
     train_cfg = cfg.student
     if variant == "ft" and cfg.student.ft_max_steps is not None:
         train_cfg = dataclasses.replace(cfg.student, max_steps=cfg.student.ft_max_steps)
-    result = train(seq2seq_task(init_model), ds, train_cfg, output_dir=run.model(name),
+    task, rows = seq2seq_task(init_model), None
+    if cfg.student.validate_every_steps:
+        task, rows = _validation_task(cfg, run, variant, init_model)
+    result = train(task, ds, train_cfg, output_dir=run.model(name),
                    storage_path=cfg.resources.storage_path or run.checkpoints, name=name,
                    model_config={"init_model": init_model, "variant": variant}, seed=cfg.seed, resume=resume,
-                   fail_at_step=fail_at_step, data_digest=tree_digest(run.examples(name)))
+                   fail_at_step=fail_at_step, data_digest=tree_digest(run.examples(name)),
+                   validation=rows, validate_every=cfg.student.validate_every_steps,
+                   validation_key=None if rows is None else {"reading": task.validate_fn.score_by,
+                                                             "max_new_tokens": task.validate_fn.max_new_tokens})
     result.update({"variant": variant, "examples": ds.count(), "model_dir": run.model(name)})
     result["generation"] = record_target_lengths(run, variant, init_model)
     return result
 
 
+def _validation_task(cfg: KardConfig, run: RunDir, variant: str, init_model: str) -> tuple[TrainTask, list[dict]]:
+    """The student's TrainTask with validation, and the held-out rows it scores (read as evaluation
+    reads: eval.score_by; as many new tokens as evaluation generates). How it reads is part of which step
+    gets exported, so `train` fingerprints it (`validation_key`)."""
+    path = validation_path(run, variant)
+    if not io.exists(path):
+        raise FileNotFoundError(f"{path}: no held-out questions (student.validation_fraction="
+                                f"{cfg.student.validation_fraction} held none out); rerun the examples stage")
+    rows = io.read_table(path).to_pylist()
+    max_new = cfg.eval.max_new_tokens or target_token_limit(run, variant, init_model)
+    fn = Seq2SeqValidate(init_model, cfg.data.dataset, variant, max_new, cfg.student.max_source_length, cfg.eval.score_by)
+    return seq2seq_task(init_model, fn), rows
+
+
+def _target_lengths(run: RunDir, variant: str, init_model: str) -> list[int]:
+    targets = io.read_table(run.examples(f"student_{variant}"), columns=["target"]).column("target").to_pylist()
+    return [len(ids) for ids in encode_targets(_tokenizer(init_model), targets)]
+
+
+def target_token_limit(run: RunDir, variant: str, init_model: str) -> int:
+    """max_new_tokens the variant's training targets call for (`eval.max_new_tokens: null`)."""
+    return generation_defaults(_target_lengths(run, variant, init_model))["max_new_tokens"]
+
+
 def record_target_lengths(run: RunDir, variant: str, init_model: str) -> dict:
     """Beside the exported student, the token lengths of its training targets and the max_new_tokens
     they call for (what `eval.max_new_tokens: null` generates, so a whole target fits)."""
-    targets = io.read_table(run.examples(f"student_{variant}"), columns=["target"]).column("target").to_pylist()
-    lengths = [len(ids) for ids in encode_targets(_tokenizer(init_model), targets)]
-    return write_generation_defaults(run.model(f"student_{variant}"), lengths)
+    return write_generation_defaults(run.model(f"student_{variant}"), _target_lengths(run, variant, init_model))
