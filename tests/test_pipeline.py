@@ -39,13 +39,11 @@ def test_demo_kard_beats_rd_on_unseen_entities(demo_run):
     assert rerank > bm25, metrics  # the reranker adds on top of BM25 (the paper's ordering)
     counts = manifest["stages"]["student"]["counts"]
     assert counts["kard"]["steps"] == counts["rd"]["steps"] == 1500
-    # Scored by likelihood, every method answers every question; FT (answer-only targets, no knowledge)
-    # is not below chance any more (4 options; its 95% interval reaches 25% or beyond).
-    assert all(m["answered"] == m["n"] for m in metrics.values()), metrics
-    assert metrics["ft"]["ci95"][1] >= 0.25, metrics["ft"]
-    # the generations were long enough to be read: what the training targets need, and almost none cut
-    for name in ("rd", "kard_bm25", "kard_reranker"):
+    # the generations were long enough to be read (eval.max_new_tokens: null, what the training targets
+    # need), almost none cut, and the KARD answers are readable
+    for name in ("ft", "rd", "kard_bm25", "kard_reranker"):
         assert metrics[name]["truncated"] <= 0.05 * metrics[name]["n"], (name, metrics[name])
+    assert all(metrics[m]["unreadable"] <= 0.05 * metrics[m]["n"] for m in ("kard_bm25", "kard_reranker")), metrics
     hits = io.read_json(run.path("eval", "reranker_metrics.json"))
     print("reranker Hits:", json.dumps(hits)[:300])
 

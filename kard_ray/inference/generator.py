@@ -24,7 +24,7 @@ class Prediction:
     pred_text_index: int
     votes: list[int]
     truncated: bool = False  # the first generation hit max_new_tokens before its end-of-sequence token
-    parsed_index: int = -1  # the answer the first generation states (letter, else text), whatever score_by is
+    parsed_index: int = -1  # the answer the first generation states, read as score_by reads (likelihood: letter, else text)
 
 
 # Written beside a trained student (`write_generation_defaults`): how long its training targets are, so
@@ -140,6 +140,7 @@ class StudentGenerator:
         self.temperature = temperature
         self.max_source_length = max_source_length
         self.score_by = score_by
+        self.reading = "letter_or_text" if score_by == "likelihood" else score_by  # how a stated answer is read
         self.seed = seed
 
     def source(self, question: str, options: list[str], passages: list[str] | None) -> str:
@@ -230,5 +231,5 @@ class StudentGenerator:
                 generation=gens[0][0], pred_index=majority(votes),
                 pred_letter_index=-1 if first.get("letter") is None else int(first["letter"]),
                 pred_text_index=-1 if first.get("text") is None else int(first["text"]), votes=votes,
-                truncated=gens[0][1], parsed_index=choose(first, "letter_or_text")))
+                truncated=gens[0][1], parsed_index=choose(first, self.reading)))
         return preds
