@@ -256,8 +256,7 @@ def write_validation_rows(cfg: KardConfig, run: RunDir, variant: str, held: dict
     rows = [{"question_id": qid, "query": question_query(q["question"], q["options"]), **_q_fields(q)}
             for qid, q in list(held.items())[: cfg.student.validation_max_questions]]
     if variant == "kard":
-        table = passages_for(ray.data.from_items(rows), "kard_bm25", cfg, run).to_arrow_refs()
-        got = {r["question_id"]: r for t in ray.get(table) for r in t.to_pylist()}
+        got = {r["question_id"]: r for r in passages_for(ray.data.from_items(rows), "kard_bm25", cfg, run).take_all()}
         for r in rows:
             hit = got[r["question_id"]]
             r["passages"] = [format_passage(t, x) for t, x in zip(hit["passage_titles"], hit["passage_texts"])]
