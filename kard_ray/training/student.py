@@ -307,9 +307,10 @@ def train_student(cfg: KardConfig, run: RunDir, variant: str, init_model: str, *
     train_cfg = cfg.student
     if variant == "ft" and cfg.student.ft_max_steps is not None:
         train_cfg = dataclasses.replace(cfg.student, max_steps=cfg.student.ft_max_steps)
+    lengths = _target_lengths(run, variant, init_model)  # once: validation's token limit and the record
     task, rows = seq2seq_task(init_model), None
     if cfg.student.validate_every_steps:
-        task, rows = _validation_task(cfg, run, variant, init_model)
+        task, rows = _validation_task(cfg, run, variant, init_model, generation_defaults(lengths)["max_new_tokens"])
     result = train(task, ds, train_cfg, output_dir=run.model(name),
                    storage_path=cfg.resources.storage_path or run.checkpoints, name=name,
                    model_config={"init_model": init_model, "variant": variant}, seed=cfg.seed, resume=resume,
@@ -318,11 +319,13 @@ def train_student(cfg: KardConfig, run: RunDir, variant: str, init_model: str, *
                    validation_key=None if rows is None else {"reading": task.validate_fn.score_by,
                                                              "max_new_tokens": task.validate_fn.max_new_tokens})
     result.update({"variant": variant, "examples": ds.count(), "model_dir": run.model(name)})
-    result["generation"] = record_target_lengths(run, variant, init_model)
+    # beside the exported student: what `eval.max_new_tokens: null` generates, so a whole target fits
+    result["generation"] = write_generation_defaults(run.model(name), lengths)
     return result
 
 
-def _validation_task(cfg: KardConfig, run: RunDir, variant: str, init_model: str) -> tuple[TrainTask, list[dict]]:
+def _validation_task(cfg: KardConfig, run: RunDir, variant: str, init_model: str,
+                     target_limit: int) -> tuple[TrainTask, list[dict]]:
     """The student's TrainTask with validation, and the held-out rows it scores (read as evaluation
     reads: eval.score_by; as many new tokens as evaluation generates). How it reads is part of which step
     gets exported, so `train` fingerprints it (`validation_key`)."""
@@ -331,7 +334,7 @@ def _validation_task(cfg: KardConfig, run: RunDir, variant: str, init_model: str
         raise FileNotFoundError(f"{path}: no held-out questions (student.validation_fraction="
                                 f"{cfg.student.validation_fraction} held none out); rerun the examples stage")
     rows = io.read_table(path).to_pylist()
-    max_new = cfg.eval.max_new_tokens or target_token_limit(run, variant, init_model)
+    max_new = cfg.eval.max_new_tokens or target_limit
     fn = Seq2SeqValidate(init_model, cfg.data.dataset, variant, max_new, cfg.student.max_source_length, cfg.eval.score_by)
     return seq2seq_task(init_model, fn), rows
 
@@ -340,13 +343,3 @@ def _target_lengths(run: RunDir, variant: str, init_model: str) -> list[int]:
     targets = io.read_table(run.examples(f"student_{variant}"), columns=["target"]).column("target").to_pylist()
     return [len(ids) for ids in encode_targets(_tokenizer(init_model), targets)]
 
-
-def target_token_limit(run: RunDir, variant: str, init_model: str) -> int:
-    """max_new_tokens the variant's training targets call for (`eval.max_new_tokens: null`)."""
-    return generation_defaults(_target_lengths(run, variant, init_model))["max_new_tokens"]
-
-
-def record_target_lengths(run: RunDir, variant: str, init_model: str) -> dict:
-    """Beside the exported student, the token lengths of its training targets and the max_new_tokens
-    they call for (what `eval.max_new_tokens: null` generates, so a whole target fits)."""
-    return write_generation_defaults(run.model(f"student_{variant}"), _target_lengths(run, variant, init_model))
