@@ -1,6 +1,6 @@
 """`kard-ray` console script; every `jobs/*.py` is `sys.exit(cli.main(["<command>", *sys.argv[1:]]))`.
 
-    kard-ray distill [--config configs/demo.yaml] [--from-stage S] [--only S ...] [--resume] [key=value ...]
+    kard-ray distill [--config configs/demo.yaml] [--from-stage S] [--only S ...] [--resume] [--verbose] [key=value ...]
     kard-ray build-index | generate-rationales | train-student | train-reranker | evaluate  [--config ..] [key=value ...]
     kard-ray serve RUN_DIR [key=value ...]
     kard-ray status RUN_DIR [key=value ...]           the manifest as a table: what ran, what would rerun and why
@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
             sp.add_argument("--resume", action="store_true",
                             help="resume the named stages' training from their last checkpoint (only ever an "
                                  "identical run) instead of training from scratch")
+            sp.add_argument("--verbose", action="store_true",
+                            help="Ray's worker output and internal logs on the console too (by default they go "
+                                 "to <run>/logs/ and the console shows stages, progress, warnings, results)")
         return sp
 
     d = common("distill", "run the whole pipeline (stages skip when finished and unchanged)")
@@ -118,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
 
             serve_run_dir(args.run_dir, overrides)
             return 0
-        from kard_ray import pipeline
+        from kard_ray import console, pipeline
 
+        console.set_verbose(args.verbose)
         cfg = _config(args, overrides)
         if getattr(args, "estimate", False):
             from kard_ray.teacher.estimate import print_estimate

@@ -23,7 +23,8 @@ import time
 import traceback
 from typing import Callable
 
-from kard_ray import io
+from kard_ray import console, io
+from kard_ray.console import say
 from kard_ray.config import KardConfig
 from kard_ray.methods import variants as method_variants
 
@@ -211,7 +212,7 @@ def resolve_model(name: str, tiny_cfg, run: io.RunDir, kind: str, seed: int) -> 
     if io.exists(io.join(out, "config.json")) and io.exists(meta) and io.read_json(meta) == want:
         return out
     if io.exists(out):
-        print(f"[pipeline] init_{kind}: tiny model settings or texts changed; rebuilding {out}", flush=True)
+        say(f"[pipeline] init_{kind}: tiny model settings or texts changed; rebuilding {out}")
         io.remove(out)
     with io.staged_dir(out) as local:  # a local directory, uploaded when run_dir is a URI
         save_tiny_model(kind, texts, tiny_cfg, local, seed=seed)
@@ -237,7 +238,6 @@ def _stage_student(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     init = resolve_model(cfg.student.model, cfg.student.tiny, run, "t5", cfg.seed)
     out = {}
     for v in variants(cfg):
-        print(f"[student] training variant {v}", flush=True)
         r = train_student(cfg, run, v, init, resume=resume)
         out[v] = {k: r[k] for k in ("steps", "final_loss", "samples_per_s", "train_time_s") if k in r}
     return out
@@ -302,12 +302,12 @@ def _plan_stages(cfg: KardConfig, manifest: dict, fps: dict, from_stage, only) -
         if only is not None and stage not in only:
             continue
         if not stage_needed(cfg, stage):
-            print(f"[pipeline] {stage:10s} not needed by methods {cfg.methods}", flush=True)
+            say(f"[pipeline] {stage:10s} not needed by methods {cfg.methods}")
             continue
         explicit = stage in forced or (only is not None and stage in only)
         entry = manifest["stages"].get(stage, {})
         if not explicit and entry.get("status") == "done" and entry.get("fingerprint") == fps[stage]:
-            print(f"[pipeline] {stage:10s} skipped (finished, inputs and config unchanged)", flush=True)
+            say(f"[pipeline] {stage:10s} skipped (finished, inputs and config unchanged)")
             continue
         plan.append((stage, explicit))
     if only is not None:
@@ -322,7 +322,7 @@ def _plan_stages(cfg: KardConfig, manifest: dict, fps: dict, from_stage, only) -
 
 def _run_stage(cfg: KardConfig, run_dir: io.RunDir, manifest: dict, stage: str, parts: dict,
                resume: bool) -> None:
-    print(f"[pipeline] {stage:10s} running ...", flush=True)
+    say(f"[pipeline] {stage:10s} running ...")
     t0 = time.time()
     manifest["stages"][stage] = {"status": "running", "fingerprint": parts["fingerprint"], "parts": parts,
                                  "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -334,12 +334,12 @@ def _run_stage(cfg: KardConfig, run_dir: io.RunDir, manifest: dict, stage: str, 
                                          error=f"{type(e).__name__}: {e}",
                                          traceback=traceback.format_exc(limit=20)[-4000:])
         io.write_json(run_dir.manifest, manifest)
-        print(f"[pipeline] {stage:10s} FAILED after {time.time() - t0:.1f}s: {type(e).__name__}: {e}", flush=True)
+        say(f"[pipeline] {stage:10s} FAILED after {time.time() - t0:.1f}s: {type(e).__name__}: {e}")
         raise
     manifest["stages"][stage].update(status="done", seconds=round(time.time() - t0, 1), counts=counts,
                                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
     io.write_json(run_dir.manifest, manifest)
-    print(f"[pipeline] {stage:10s} done in {time.time() - t0:.1f}s {json.dumps(counts, default=str)[:300]}", flush=True)
+    say(f"[pipeline] {stage:10s} done in {time.time() - t0:.1f}s {json.dumps(counts, default=str)[:300]}")
 
 
 def run(cfg: KardConfig, from_stage: str | None = None, only: list[str] | None = None,
@@ -353,28 +353,42 @@ def run(cfg: KardConfig, from_stage: str | None = None, only: list[str] | None =
     from kard_ray.runtime import init_ray
 
     cfg = resolve_local_paths(cfg)  # Ray Train workers run in another directory
-    init_ray(cfg)
     run_dir = io.RunDir(cfg.run_dir)
     io.makedirs(run_dir.root)
-    manifest = load_manifest(run_dir)
-    parts = fingerprint_parts(cfg)
-    fps = {s: p["fingerprint"] for s, p in parts.items()}
-    plan = _plan_stages(cfg, manifest, fps, from_stage, only)
-    io.write_bytes(run_dir.config, cfg.to_yaml().encode())
-    manifest["config_hash"] = cfg.section_hash(*[f.name for f in cfg.__dataclass_fields__.values()])
+    with _console_session(run_dir) as con:
+        init_ray(cfg)
+        con.start_relay()
+        manifest = load_manifest(run_dir)
+        parts = fingerprint_parts(cfg)
+        fps = {s: p["fingerprint"] for s, p in parts.items()}
+        plan = _plan_stages(cfg, manifest, fps, from_stage, only)
+        io.write_bytes(run_dir.config, cfg.to_yaml().encode())
+        manifest["config_hash"] = cfg.section_hash(*[f.name for f in cfg.__dataclass_fields__.values()])
+        _run_plan(cfg, run_dir, manifest, plan, parts, resume)
+    return manifest
+
+
+def _console_session(run_dir: io.RunDir) -> console.session:
+    """Quiet console for the run; Ray's and the libraries' logs in `<run>/logs/` (staged locally for a URI)."""
+    logs = run_dir.path("logs")
+    if io.is_uri(logs):
+        return console.session(console.staging_dir(), upload_to=logs)
+    return console.session(logs)
+
+
+def _run_plan(cfg: KardConfig, run_dir: io.RunDir, manifest: dict, plan: list, parts: dict, resume: bool) -> None:
     t_start = time.time()
-    print(f"[pipeline] run directory {run_dir.root}", flush=True)
+    say(f"[pipeline] run directory {run_dir.root} (logs in {run_dir.path('logs')})")
     try:
         for stage, explicit in plan:
             _run_stage(cfg, run_dir, manifest, stage, parts[stage], resume=resume or not explicit)
     except BaseException:
         _track(cfg, run_dir, manifest, "FAILED")
         raise
-    print(f"[pipeline] finished in {time.time() - t_start:.1f}s", flush=True)
+    say(f"[pipeline] finished in {time.time() - t_start:.1f}s")
     _track(cfg, run_dir, manifest, "FINISHED")
     if os.environ.get("KARD_PRINT_RESULTS", "1") == "1" and io.exists(run_dir.path("eval", "results.md")):
-        print(io.read_bytes(run_dir.path("eval", "results.md")).decode(), flush=True)
-    return manifest
+        say(io.read_bytes(run_dir.path("eval", "results.md")).decode().rstrip("\n"))
 
 
 def _track(cfg: KardConfig, run_dir: io.RunDir, manifest: dict, status: str) -> None:
@@ -385,10 +399,9 @@ def _track(cfg: KardConfig, run_dir: io.RunDir, manifest: dict, status: str) -> 
 
     try:
         rid = record_run(cfg, run_dir, manifest, status)
-        print(f"[pipeline] recorded in MLflow: run {rid} ({cfg.tracking.uri or 'sqlite store in the run directory'})",
-              flush=True)
+        say(f"[pipeline] recorded in MLflow: run {rid} ({cfg.tracking.uri or 'sqlite store in the run directory'})")
     except Exception as e:  # noqa: BLE001 - the results are written; tracking is a copy of them
-        print(f"[pipeline] WARNING: MLflow tracking failed: {type(e).__name__}: {e}", flush=True)
+        say(f"[pipeline] WARNING: MLflow tracking failed: {type(e).__name__}: {e}")
 
 
 def status_table(cfg: KardConfig) -> str:

@@ -8,6 +8,12 @@ import os
 from kard_ray.config import KardConfig
 
 log = logging.getLogger("kard_ray")
+_started_here = False  # whether init_ray started the Ray instance (embedded) rather than joining one
+
+
+def started_ray_here() -> bool:
+    """True when this process started its own Ray (its log files are on this machine, the run's to keep)."""
+    return _started_here
 
 
 def init_ray(cfg: KardConfig):
@@ -20,6 +26,9 @@ def init_ray(cfg: KardConfig):
     """
     import ray
 
+    from kard_ray.console import is_verbose, routing_active
+
+    global _started_here
     if ray.is_initialized():
         return ray
     # Quiet by default (progress comes from the pipeline's own lines); users can set these themselves.
@@ -29,15 +38,19 @@ def init_ray(cfg: KardConfig):
     env = {k: v for k, v in os.environ.items() if k.startswith(("HF_", "TRANSFORMERS_", "TOKENIZERS_"))}
     runtime_env = {"env_vars": env} if env else None
     address = cfg.resources.address or os.environ.get("RAY_ADDRESS")
+    # Quiet, workers' stdout/stderr stay in Ray's log files; kard-ray's own lines come through the
+    # console relay (kard_ray.console).
+    log_to_driver = is_verbose()
+    # INFO when a run's console session files Ray's logs (its console handlers then show errors only)
+    level = logging.INFO if routing_active() else logging.WARNING
     if address:
-        ray.init(address=address, runtime_env=runtime_env, logging_level=logging.WARNING)
+        ray.init(address=address, runtime_env=runtime_env, logging_level=level, log_to_driver=log_to_driver)
     else:
         # "local": start our own instance even if `ray start` left a cluster on this machine (a bare
         # ray.init() would join that one, and then refuse num_cpus). Set resources.address to join it.
         ray.init(address="local", num_cpus=cfg.resources.num_cpus, runtime_env=runtime_env, include_dashboard=False,
-                 logging_level=logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
+                 logging_level=level, log_to_driver=log_to_driver)
+        _started_here = True
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = bool(os.environ.get("KARD_PROGRESS_BARS"))
     return ray

@@ -122,15 +122,33 @@ DEMO_TEST_OVERRIDES = [
 
 
 @pytest.fixture(scope="session")
-def demo_run(ray_session, tmp_path_factory):
-    """(config, manifest) of one finished pipeline run at test size (KARD_TEST_DEMO_RUN_DIR reuses one)."""
-    from kard_ray import pipeline
+def demo_run(tmp_path_factory):
+    """(config, manifest) of one finished pipeline run at test size, run as a user runs the demo: the real
+    CLI (`python jobs/distill.py`) in its own process with its own embedded Ray. Its console output (stdout
+    and stderr together) is kept beside the run for `demo_console`. KARD_TEST_DEMO_RUN_DIR reuses a run."""
+    import subprocess
+    import sys
+
+    from kard_ray import io
     from kard_ray.config import load_config
 
     run_dir = os.environ.get("KARD_TEST_DEMO_RUN_DIR") or str(tmp_path_factory.mktemp("demo_run"))
+    cmd = [sys.executable, str(REPO / "jobs" / "distill.py"), "--config", str(REPO / "configs" / "demo.yaml"),
+           *DEMO_TEST_OVERRIDES, f"run_dir={run_dir}"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("KARD_VERBOSE", None)
+    p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                       timeout=3600)
+    Path(run_dir.rstrip("/") + ".console.txt").write_text(p.stdout)
+    assert p.returncode == 0, p.stdout[-6000:]
     cfg = load_config(str(REPO / "configs" / "demo.yaml"), DEMO_TEST_OVERRIDES + [f"run_dir={run_dir}"])
-    manifest = pipeline.run(cfg)
-    return cfg, manifest
+    return cfg, io.read_json(io.RunDir(run_dir).manifest)
+
+
+@pytest.fixture(scope="session")
+def demo_console(demo_run) -> str:
+    """What `python jobs/distill.py` printed (stdout and stderr) for the shared demo run."""
+    return Path(demo_run[0].run_dir.rstrip("/") + ".console.txt").read_text()
 
 
 # ---------------------------------------------------------------- distributed: S3 and multi-node Ray

@@ -5,6 +5,7 @@ what came before it, and the StrategyQA smoke config runs on real data (and is r
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,34 @@ def test_demo_kard_beats_rd_on_unseen_entities(demo_run):
     assert all(metrics[m]["unreadable"] <= 0.05 * metrics[m]["n"] for m in ("kard_bm25", "kard_reranker")), metrics
     hits = io.read_json(run.path("eval", "reranker_metrics.json"))
     print("reranker Hits:", json.dumps(hits)[:300])
+
+
+# A line of kard-ray's own: "[stage] ..." (stage names, student/evaluation names: letters, digits, _ . -)
+OWN_LINE = re.compile(r"^\[[a-z][\w.-]*( [a-z][\w.-]*)?\] ")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+def test_demo_console_is_quiet_and_the_run_logs_keep_the_detail(demo_run, demo_console):
+    """`python jobs/distill.py` at default verbosity: only kard-ray's own lines and the results table, under
+    80 lines, a progress line per training; Ray's internals are in <run>/logs/ (driver and workers)."""
+    cfg, _ = demo_run
+    run = io.RunDir(cfg.run_dir)
+    lines = demo_console.splitlines()
+    table = set(io.read_bytes(run.path("eval", "results.md")).decode().splitlines())
+    foreign = [l for l in lines if l.strip() and not OWN_LINE.match(l) and l not in table]
+    assert not foreign, foreign
+    assert len(lines) < 80, demo_console
+    for student in ("student_ft", "student_rd", "student_kard"):
+        steps = [l for l in lines if l.startswith(f"[{student}] step ")]
+        assert steps and "(100%)" in steps[-1] and " eta " in steps[0], (student, steps)
+    assert any(l.startswith("[evaluate kard_reranker] ") and "questions/s" in l for l in lines), lines
+    logs = Path(run.path("logs"))
+    driver = (logs / "driver.log").read_text()
+    assert "Execution plan of Dataset" in driver  # Ray Data's plans: in the log, not on the console
+    assert "Execution plan" not in demo_console
+    worker_logs = list(logs.glob("ray/session_*/worker-*.out")) + list(logs.glob("ray/session_*/worker-*.err"))
+    assert worker_logs and list(logs.glob("ray/session_*/raylet.out")), sorted(p.name for p in logs.rglob("*"))[:40]
 
 
 @pytest.mark.slow

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from kard_ray import io
 from kard_ray.data import schemas
+from kard_ray.console import say
 
 LETTERS = "ABCDEFGHIJ"
 FORMATS = ("kard", "medqa", "obqa", "strategyqa", "generic")
@@ -272,7 +273,7 @@ def enforce_rejected_share(stage: str, n_good: int, n_rejected: int, max_fractio
     """Print the counts; raise when the rejected share is above `max_fraction`."""
     total = n_good + n_rejected
     share = n_rejected / total if total else 0.0
-    print(f"[{stage}] {n_good} rows kept, {n_rejected} rejected ({share:.2%})" + (f" -> {where}" if where else ""))
+    say(f"[{stage}] {n_good} rows kept, {n_rejected} rejected ({share:.2%})" + (f" -> {where}" if where else ""))
     if total == 0:
         raise RejectedShareError(f"[{stage}] no input rows")
     if share > max_fraction:

@@ -21,6 +21,7 @@ from kard_ray.inference.formats import question_query
 from kard_ray.inference.generator import StudentGenerator, resolve_max_new_tokens
 from kard_ray.inference.passages import passages_for
 from kard_ray.methods import METHODS
+from kard_ray.console import count, say
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -37,8 +38,9 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
 class PredictBatch:
     """Ray Data actor: holds one student (loaded once) and predicts a batch of questions."""
 
-    def __init__(self, model_dir: str, method: str, dataset: str, eval_cfg: dict, max_source_length: int, seed: int):
-        self.method = method
+    def __init__(self, model_dir: str, method: str, dataset: str, eval_cfg: dict, max_source_length: int, seed: int,
+                 total: int = 0):
+        self.method, self.total = method, total
         self.generator = StudentGenerator(
             model_dir, dataset, max_new_tokens=eval_cfg["max_new_tokens"], decoding=eval_cfg["decoding"],
             n_votes=eval_cfg["n_votes"], temperature=eval_cfg["temperature"], max_source_length=max_source_length,
@@ -47,7 +49,7 @@ class PredictBatch:
     def __call__(self, batch: dict) -> dict:
         from kard_ray.knowledge import format_passage
 
-        n = len(batch["id"])
+        n, started = len(batch["id"]), time.time()
         if "passage_texts" in batch:
             passages = [[format_passage(t, x) for t, x in zip(batch["passage_titles"][i], batch["passage_texts"][i])]
                         for i in range(n)]
@@ -57,6 +59,7 @@ class PredictBatch:
         options = [list(o) for o in batch["options"]]
         preds = self.generator.predict(list(batch["question"]), options, passages)
         answers = [int(a) for a in batch["answer"]]
+        count(f"evaluate {self.method}", n, self.total, "questions", started)
         return {
             "question_id": list(batch["id"]),
             "method": [self.method] * n,
@@ -93,7 +96,9 @@ def predict_method(cfg: KardConfig, run: io.RunDir, method: str) -> str:
     """Run one method's batch inference; returns its predictions directory."""
     import ray
 
-    ds = passages_for(_test_dataset(cfg, run, method), method, cfg, run)
+    questions = _test_dataset(cfg, run, method)
+    total = questions.count()
+    ds = passages_for(questions, method, cfg, run)
     out = run.path("eval", "predictions", method)
     if io.exists(out):
         io.remove(out)
@@ -101,7 +106,7 @@ def predict_method(cfg: KardConfig, run: io.RunDir, method: str) -> str:
         PredictBatch,
         fn_constructor_kwargs=dict(model_dir=run.model(METHODS[method].student), method=method, dataset=cfg.data.dataset,
                                    eval_cfg=cfg.to_dict()["eval"], max_source_length=cfg.student.max_source_length,
-                                   seed=cfg.seed),
+                                   seed=cfg.seed, total=total),
         compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
         batch_size=cfg.eval.batch_size, num_cpus=cfg.eval.num_cpus_per_actor, num_gpus=cfg.eval.num_gpus_per_actor,
         batch_format="numpy")
@@ -159,12 +164,12 @@ def evaluate(cfg: KardConfig, run: io.RunDir) -> dict:
         m["seconds"] = round(time.time() - t0, 1)
         m["max_new_tokens"] = resolve_max_new_tokens(run.model(METHODS[method].student), cfg.eval.max_new_tokens)
         metrics["methods"][method] = m
-        print(f"[evaluate] {method:14s} accuracy {m['accuracy']:.3f} "
-              f"(95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, n={m['n']}; parsed {m['parsed_accuracy']:.3f}, "
-              f"unreadable {m['unreadable']}, truncated {m['truncated']}) in {m['seconds']}s", flush=True)
+        say(f"[evaluate] {method:14s} accuracy {m['accuracy']:.3f} "
+            f"(95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f}, n={m['n']}; parsed {m['parsed_accuracy']:.3f}, "
+            f"unreadable {m['unreadable']}, truncated {m['truncated']}) in {m['seconds']}s")
         warning = truncation_warning(method, m, m["max_new_tokens"])
         if warning:
-            print(warning, flush=True)
+            say(warning)
     io.write_json(run.path("eval", "metrics.json"), metrics)
     table = results_table(metrics, cfg)
     io.write_bytes(run.path("eval", "results.md"), table.encode())

@@ -23,6 +23,7 @@ from kard_ray.inference.reranker import rerank_dataset
 from kard_ray.io import RunDir
 from kard_ray.teacher.kept import kept_rationales
 from kard_ray.training.reranker_mining import is_holdout
+from kard_ray.console import say
 
 HITS_AT = (1, 3, 5, 10)
 METRICS_FILE = "reranker_metrics.json"
@@ -116,7 +117,7 @@ def evaluate_reranker(cfg: KardConfig, run: RunDir, model_dir: str) -> dict:
     if table is None:
         metrics = {"skipped": source}
         io.write_json(path, metrics)
-        print(f"[reranker] Hits@k not measured: {source}", flush=True)
+        say(f"[reranker] Hits@k not measured: {source}")
         return metrics
     kc = cfg.knowledge
     ds = ray.data.from_arrow(table).map_batches(
@@ -137,7 +138,7 @@ def evaluate_reranker(cfg: KardConfig, run: RunDir, model_dir: str) -> dict:
     }
     io.write_json(path, metrics)
     b, r = metrics["bm25"], metrics["reranker"]
-    print("[reranker] Hits@1/3/5/10 on {} held-out questions: retrieval {} -> reranker {}".format(
+    say("[reranker] Hits@1/3/5/10 on {} held-out questions: retrieval {} -> reranker {}".format(
         len(rows), "/".join(f"{b[f'hits@{k}']:.3f}" for k in HITS_AT),
-        "/".join(f"{r[f'hits@{k}']:.3f}" for k in HITS_AT)), flush=True)
+        "/".join(f"{r[f'hits@{k}']:.3f}" for k in HITS_AT)))
     return metrics

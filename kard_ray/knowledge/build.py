@@ -12,6 +12,7 @@ import time
 
 from kard_ray import io
 from kard_ray.config import KnowledgeConfig
+from kard_ray.console import say
 
 
 def build_indexes(run: io.RunDir, cfg: KnowledgeConfig) -> dict:
@@ -34,8 +35,8 @@ def build_indexes(run: io.RunDir, cfg: KnowledgeConfig) -> dict:
     else:
         task = ray.remote(num_cpus=1)(build_bm25_from_parquet)
         out["bm25"] = ray.get(task.remote(run.passages, run.bm25_index, cfg.bm25))
-    print(f"[index] BM25: {out['bm25']['passages']} passages, {out['bm25']['terms']} terms "
-          f"({cfg.bm25.shards} shard(s)) in {out['bm25']['total_s']} s -> {run.bm25_index}")
+    say(f"[index] BM25: {out['bm25']['passages']} passages, {out['bm25']['terms']} terms "
+        f"({cfg.bm25.shards} shard(s)) in {out['bm25']['total_s']} s -> {run.bm25_index}")
     if cfg.retriever in ("dense", "hybrid"):
         from kard_ray.knowledge.dense import build_faiss_from_parquet, embed_passages
 
@@ -44,7 +45,7 @@ def build_indexes(run: io.RunDir, cfg: KnowledgeConfig) -> dict:
         task = ray.remote(num_cpus=1, num_gpus=gpus)(build_faiss_from_parquet)
         stats.update(ray.get(task.remote(run.embeddings, run.faiss_index, cfg.dense)))
         out["dense"] = stats
-        print(f"[index] dense ({cfg.dense.index_type}): {stats['passages']} passages x {stats['dim']} embedded in "
-              f"{stats['embed_s']} s, indexed in {stats['faiss_build_s']} s -> {run.faiss_index}")
+        say(f"[index] dense ({cfg.dense.index_type}): {stats['passages']} passages x {stats['dim']} embedded in "
+            f"{stats['embed_s']} s, indexed in {stats['faiss_build_s']} s -> {run.faiss_index}")
     out["seconds"] = round(time.perf_counter() - t0, 2)
     return out

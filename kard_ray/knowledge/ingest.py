@@ -46,6 +46,7 @@ from kard_ray.config import KnowledgeConfig
 from kard_ray.data import schemas
 from kard_ray.data.questions import enforce_rejected_share
 from kard_ray.knowledge.text import split_words, text_hash
+from kard_ray.console import say
 
 CORPUS_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz", ".parquet")
 TEXT_KEYS = ("text", "contents", "abstract")
@@ -399,7 +400,7 @@ def ingest_corpus(paths: list[str], run: io.RunDir, cfg: KnowledgeConfig, max_re
     counts = {"documents": documents, "passages": n_passages, "duplicates": pieces - n_passages,
               "rejected": n_rejected, "renamed_ids": renamed, "files": len(files),
               "seconds": round(time.perf_counter() - t0, 2)}
-    print(f"[{STAGE}] {documents} documents from {len(files)} file(s) -> {n_passages} passages "
-          f"({counts['duplicates']} duplicate texts dropped, {renamed} ids renamed, {n_rejected} rows rejected) "
-          f"-> {run.passages} in {counts['seconds']} s")
+    say(f"[{STAGE}] {documents} documents from {len(files)} file(s) -> {n_passages} passages "
+        f"({counts['duplicates']} duplicate texts dropped, {renamed} ids renamed, {n_rejected} rows rejected) "
+        f"-> {run.passages} in {counts['seconds']} s")
     return counts

@@ -31,13 +31,14 @@ from kard_ray.teacher.parsing import parse_answer
 from kard_ray.teacher.prompts import build_messages, load_few_shot
 from kard_ray.teacher.stats import rationale_stats
 from kard_ray.teacher.store import RationaleStore
+from kard_ray.console import say
 
 SCORED_SCHEMA_EXTRA = [("parsed_answer", pa.int64()), ("consistent", pa.bool_()), ("needs_verifier", pa.bool_()),
                        ("verifier_answer", pa.int64())]
 
 
 def _log(msg: str) -> None:
-    print(f"[teacher] {msg}", flush=True)
+    say(f"[teacher] {msg}")
 
 
 def read_train_questions(run: RunDir) -> list[dict]:

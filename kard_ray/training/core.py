@@ -35,7 +35,8 @@ import torch.distributed as dist
 from kard_ray import io
 from kard_ray.config import TrainingConfig
 from kard_ray.training.engines import make_engine
-from kard_ray.training.progress import Progress, emit, read_train_log
+from kard_ray.console import say
+from kard_ray.training.progress import Progress, read_train_log
 
 N_KEY = "_n_items"  # added to every collated batch by the core (popped before loss_fn sees it)
 LOG_FILE = "train_log.jsonl"
@@ -315,7 +316,7 @@ def _restore(engine, config: dict, rank: int):
             if rank == 0:
                 best.state = torch.load(os.path.join(d, BEST_FILE), weights_only=True)
     if rank == 0:
-        emit(f"[{config['name']}] resumed from {ckpt.path} at step {meta['step']}", True)
+        say(f"[{config['name']}] resumed from {ckpt.path} at step {meta['step']}")
     return int(meta["step"]), list(meta["log"]), float(meta.get("train_time_s", 0.0)), best
 
 
@@ -401,8 +402,7 @@ def _resume_state(w: _Worker, config: dict) -> _State:
     w.progress = Progress(name=config["name"], rank=w.rank, world=w.world, total_steps=w.plan.total_steps,
                           samples_per_step=w.plan.samples_per_step, log_path=io.join(output_dir, LOG_FILE),
                           log_every=w.cfg.log_every_steps, device=w.device, flops_per_token=w.flops_per_token,
-                          start_step=start_step, log=log, prior_train_time_s=prior_time,
-                          raw_stdout=not w.local_mode)
+                          start_step=start_step, log=log, prior_train_time_s=prior_time)
     spe = w.plan.steps_per_epoch
     # micro-batches of the current epoch already trained on: skipped, so the resumed run sees exactly
     # the batches the uninterrupted one would (the epoch's order is a function of (seed, epoch))
@@ -434,8 +434,8 @@ def _validate(w: _Worker, config: dict, st: _State) -> Optional[float]:
         if w.rank == 0:
             st.best.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     if w.rank == 0:
-        emit(f"[{config['name']}] step {st.step}: val_accuracy {acc:.3f} on {int(counts[1])} questions "
-             f"(best {st.best.score:.3f} at step {st.best.step})", not w.local_mode)
+        say(f"[{config['name']}] step {st.step}: val_accuracy {acc:.3f} on {int(counts[1])} questions "
+          f"(best {st.best.score:.3f} at step {st.best.step})")
     return acc
 
 
@@ -625,12 +625,12 @@ def _prepare_storage(run_path: str, name: str, inputs: dict, fingerprint: str, r
             io.remove(run_path)  # Ray Train state without a checkpoint of ours: nothing to resume
         return
     if resume and meta.get("fingerprint") == fingerprint:
-        print(f"[{name}] resuming the identical run from its step-{meta['step']} checkpoint", flush=True)
+        say(f"[{name}] resuming the identical run from its step-{meta['step']} checkpoint")
         return
     why = describe_change(meta.get("inputs", {}), inputs) if meta.get("fingerprint") != fingerprint else \
         "asked to retrain (no --resume)"
     dest = _move_aside(run_path)
-    print(f"[{name}] {why}: training from scratch (earlier checkpoints moved to {dest})", flush=True)
+    say(f"[{name}] {why}: training from scratch (earlier checkpoints moved to {dest})")
 
 
 def _scaling(cfg: TrainingConfig):

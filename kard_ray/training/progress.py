@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from kard_ray import io
+from kard_ray import console, io
+from kard_ray.console import fmt_duration
 
 # Dense peak FLOP/s per GPU at bf16 (tensor cores), for MFU. Matched by substring of the device name.
 PEAK_BF16_FLOPS = {
@@ -50,15 +51,6 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return None
 
 
-def fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
 def _si(x: float) -> str:
     for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(x) >= div:
@@ -72,8 +64,7 @@ class Progress:
     def __init__(self, *, name: str, rank: int, world: int, total_steps: int, samples_per_step: int,
                  log_path: Optional[str], log_every: int, device: torch.device,
                  flops_per_token: Optional[float], start_step: int, log: list[dict],
-                 prior_train_time_s: float = 0.0, raw_stdout: bool = False):
-        self.raw_stdout = raw_stdout
+                 prior_train_time_s: float = 0.0):
         self.name, self.rank, self.world = name, rank, world
         self.total_steps, self.samples_per_step = total_steps, samples_per_step
         self.log_path, self.log_every, self.device = log_path, log_every, device
@@ -148,7 +139,8 @@ class Progress:
         if "mfu" in m:
             line += f" | MFU {100 * m['mfu']:.1f}%"
         line += f" | eta {fmt_duration(m['eta_s'] if m['eta_s'] >= 0 else float('inf'))}"
-        emit(line, self.raw_stdout)
+        console.progress(self.name, line, final=m["step"] >= self.total_steps,
+                         fraction=m["step"] / max(self.total_steps, 1))
 
     # -- the log file ----------------------------------------------------------------------------
     def _lines(self, entries: list[dict]) -> bytes:
@@ -165,16 +157,6 @@ class Progress:
         with open(self.log_path, "ab") as fh:
             fh.write(self._lines(self.log[self._written:]))
         self._written = len(self.log)
-
-
-def emit(line: str, raw_stdout: bool) -> None:
-    """Print a progress line. In a Ray Train worker, `print` goes through Train's patched logger and
-    reaches the driver twice; writing to the process's real stdout reaches it once."""
-    if raw_stdout:
-        sys.__stdout__.write(line + "\n")
-        sys.__stdout__.flush()
-    else:
-        print(line, flush=True)
 
 
 def read_train_log(path: str) -> list[dict]:

@@ -32,6 +32,7 @@ from kard_ray.data.stage import read_questions, test_rationales_path
 from kard_ray.inference.formats import question_query
 from kard_ray.io import RunDir
 from kard_ray.teacher.kept import kept_rationales
+from kard_ray.console import say
 
 EXAMPLES_SCHEMA = pa.schema([
     ("question_id", pa.string()),
@@ -177,6 +178,6 @@ def mine_candidates(cfg: KardConfig, run: RunDir) -> dict:
     if n == 0:
         raise ValueError(f"candidate mining produced no example from {inputs.num_rows} rationales: "
                          f"no rationale retrieved a passage from {run.bm25_index}")
-    print(f"[reranker] mined candidates for {n} of {inputs.num_rows} rationales "
-          f"(K={cfg.reranker.candidates_k}) -> {out}", flush=True)
+    say(f"[reranker] mined candidates for {n} of {inputs.num_rows} rationales "
+        f"(K={cfg.reranker.candidates_k}) -> {out}")
     return {"path": out, "rationales": inputs.num_rows, "examples": n, "dropped": inputs.num_rows - n}

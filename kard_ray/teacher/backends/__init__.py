@@ -13,6 +13,7 @@ from kard_ray.config import KardConfig
 from kard_ray.io import RunDir
 from kard_ray.teacher.backends.common import GEN_SCHEMA, gen_row
 from kard_ray.teacher.importers import TeacherRecord, load_teacher_records
+from kard_ray.console import say
 
 
 @dataclass
@@ -57,8 +58,8 @@ class ImportBackend(Backend):
         missing = len(ids - set(self.records))
         unknown = len(set(self.records) - ids)
         if missing or unknown:
-            print(f"[teacher] {self.path}: {missing} training questions have no rationales there; "
-                  f"{unknown} of its ids are not training questions (ignored)", flush=True)
+            say(f"[teacher] {self.path}: {missing} training questions have no rationales there; "
+                f"{unknown} of its ids are not training questions (ignored)")
         return {q["id"]: list(range(min(n, len(self.records[q["id"]].texts))))
                 for q in questions if q["id"] in self.records}
 

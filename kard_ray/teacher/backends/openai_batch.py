@@ -23,6 +23,7 @@ from typing import Callable, Optional
 from kard_ray import io
 from kard_ray.teacher.backends.common import gen_row, messages_of, stable_seed
 from kard_ray.teacher.backends.openai_http import read_api_key
+from kard_ray.console import say
 
 STATE_FILE = "teacher_batches.json"
 TERMINAL = ("completed", "expired", "failed", "cancelled")
@@ -43,7 +44,7 @@ def parse_custom_id(cid: str, where: str) -> tuple[str, int]:
 
 
 def _log(msg: str) -> None:
-    print(f"[teacher.batch] {msg}", flush=True)
+    say(f"[teacher.batch] {msg}")
 
 
 class BatchState:
