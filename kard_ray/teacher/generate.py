@@ -31,7 +31,7 @@ from kard_ray.teacher.parsing import parse_answer
 from kard_ray.teacher.prompts import build_messages, load_few_shot
 from kard_ray.teacher.stats import rationale_stats
 from kard_ray.teacher.store import RationaleStore
-from kard_ray.console import say
+from kard_ray.console import progress, say
 
 SCORED_SCHEMA_EXTRA = [("parsed_answer", pa.int64()), ("consistent", pa.bool_()), ("needs_verifier", pa.bool_()),
                        ("verifier_answer", pa.int64())]
@@ -145,7 +145,9 @@ def _run_wave(cfg: KardConfig, backend, store: RationaleStore, wave: list[dict],
         if done:
             store.write_part(done)
             out.extend(done)
-            _log(f"wrote {done_before + len(out)}/{n_total} rows")
+            written = done_before + len(out)
+            progress("teacher", f"[teacher] wrote {written}/{n_total} rows", final=written >= n_total,
+                     fraction=written / max(n_total, 1))
     rest = buf.leftover()
     if rest:  # a backend returned fewer rows than asked: keep what exists, report the gap
         _log(f"warning: {len(rest)} rows of incomplete questions written as they are")
