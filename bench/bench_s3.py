@@ -51,7 +51,7 @@ def start_ray(attempts: int = 3) -> None:
 
     for attempt in range(attempts):
         try:
-            ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+            ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
             return
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a start-up timeout
             print(f"ray.init attempt {attempt + 1} failed: {e}", file=sys.stderr)

@@ -237,6 +237,8 @@ class session:
 
     def __enter__(self) -> "session":
         os.makedirs(self.logs_dir, exist_ok=True)
+        if not is_verbose():
+            _no_progress_bars()
         log = open(os.path.join(self.logs_dir, "driver.log"), "ab", buffering=0)
         self._undo.append(log.close)
         self._undo.append(_file_warnings(log))
@@ -289,6 +291,14 @@ class session:
             from kard_ray import io
 
             io.upload_dir(self.logs_dir, self.upload_to)
+
+
+def _no_progress_bars() -> None:
+    """Library progress bars (transformers' "Loading weights", "Writing model shards") are not the run's."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when transformers is first imported
+    if "transformers" in sys.modules:
+        with contextlib.suppress(Exception):
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
 
 
 def _file_warnings(log):
