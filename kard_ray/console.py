@@ -1,8 +1,8 @@
 """What a run shows: kard-ray's own lines on the console, Ray's and the libraries' logs in `<run>/logs/`.
 
 Quiet by default: a line per stage start/finish, one progress line per long stage (steps or rows, rate,
-ETA; updated in place on a TTY, every `PROGRESS_EVERY_S` seconds otherwise, e.g. under `ray job
-submit`), warnings and the results table. `--verbose` (env `KARD_VERBOSE=1`) puts Ray's worker output
+ETA; updated in place on a TTY, otherwise every `PROGRESS_EVERY_S` seconds and `PROGRESS_MIN_ADVANCE`
+of the stage, e.g. under `ray job submit`), warnings and the results table. `--verbose` (env `KARD_VERBOSE=1`) puts Ray's worker output
 and internal logs back on the console.
 
 Training and evaluation run in other processes (Ray Train workers, Ray Data actors, maybe on other
@@ -27,7 +27,6 @@ from typing import Optional
 VERBOSE_ENV = "KARD_VERBOSE"
 PROGRESS_EVERY_S = float(os.environ.get("KARD_PROGRESS_EVERY_S", "60"))
 PROGRESS_MIN_ADVANCE = 0.2  # off a TTY a progress line also needs 20% more done: at most 6 lines a stage
-# Loggers whose console output is Ray's or a library's internals: to <run>/logs/driver.log when quiet.
 _MAX_COPIED_LOG_BYTES = 50 << 20  # a Ray log file larger than this is left in the session directory
 
 
@@ -107,6 +106,12 @@ class Console:
         self.progress(name, f"[{name}] {done}/{total} {unit} ({100 * done / total:.0f}%) | {rate:.1f} {unit}/s"
                             f" | eta {fmt_duration(eta)}", final=done >= total, fraction=done / total)
 
+    def reset(self) -> None:
+        """A new run: no stage's progress carries over (a second run in one process counts from zero)."""
+        with self._lock:
+            self._last.clear()
+            self._counts.clear()
+
     def _end_live(self) -> None:
         if self._live:
             self.stream.write("\n")
@@ -114,10 +119,6 @@ class Console:
 
 
 _console = Console()
-
-
-def console() -> Console:
-    return _console
 
 
 # ---------------------------------------------------------------------------- from any process
@@ -244,6 +245,7 @@ class session:
         self._undo.append(_file_warnings(log))
         self._undo.append(_filter_stderr(log, quiet=not is_verbose()))
         self._undo.append(_file_ray_messages(log, quiet=not is_verbose()))
+        _console.reset()
         _routing[0], _session[0] = True, self
         return self
 

@@ -122,3 +122,13 @@ def test_workers_lines_reach_the_driver_console_in_order(ray_session, tmp_path, 
     counts = [l for l in out if l.startswith("[evaluate x]")]  # a fast stage shows its last line only
     assert len(counts) == 1 and counts[0].startswith("[evaluate x] 4/4 questions (100%) | "), out
     assert len(out) == 4 and out[-1] == "[driver] after the workers", out
+
+
+def test_a_new_run_counts_from_zero():
+    """Two runs in one process (a notebook, the rerun tests): the second run's progress is its own."""
+    out = _io.StringIO()
+    con = console.Console(stream=out, every_s=0, tty=False)
+    con.count("evaluate rd", 40, 40, "questions", started=0.0, finished=4.0)
+    con.reset()
+    con.count("evaluate rd", 40, 40, "questions", started=10.0, finished=12.0)
+    assert out.getvalue().splitlines()[-1] == "[evaluate rd] 40/40 questions (100%) | 20.0 questions/s | eta 0s"
