@@ -252,8 +252,12 @@ class session:
     def start_relay(self) -> None:
         import ray
 
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # On the driver's node: a worker node lost mid-run must not take the console with it.
+        here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
         self.relay = ray.remote(num_cpus=0)(_Relay).options(
-            name=_relay_name(), namespace="kard_ray", get_if_exists=True).remote()
+            name=_relay_name(), namespace="kard_ray", get_if_exists=True, scheduling_strategy=here).remote()
         self._drainer = threading.Thread(target=self._drain_loop, daemon=True, name="kard-console")
         self._drainer.start()
 
