@@ -158,17 +158,32 @@ def _send(msg: tuple) -> None:
             sess.drain()  # workers' lines sent before this one print before it
         _dispatch(msg)
         return
-    relay = _relay_handle()
-    if relay is not None:
-        relay.put.remote(msg)
-    elif msg[0] != "count":
-        text = msg[1] if msg[0] == "say" else msg[2]
-        sys.__stdout__.write(text + "\n")  # not print: Ray Train's patched print reaches the driver twice
-        sys.__stdout__.flush()
+    if _relay_put(msg) or msg[0] == "count":
+        return
+    text = msg[1] if msg[0] == "say" else msg[2]
+    sys.__stdout__.write(text + "\n")  # not print: Ray Train's patched print reaches the driver twice
+    sys.__stdout__.flush()
+
+
+def _relay_put(msg: tuple) -> bool:
+    """Hand `msg` to this job's relay and wait for it to take it (a few ms; these lines are rare). A handle
+    cached from a run that has ended fails: look the relay up again, once. False: no run's console."""
+    import ray
+
+    for attempt in range(2):
+        relay = _relay_handle(fresh=attempt > 0)
+        if relay is None:
+            return False
+        try:
+            ray.get(relay.put.remote(msg), timeout=10)
+            return True
+        except Exception:  # the relay of an earlier run (killed when it ended), or unreachable
+            continue
+    return False
 
 
 _relay_cache: dict = {"handle": None, "checked": -1e9}
-_RELAY_TTL_S = 10.0  # a worker looks the relay up again after this: a run's relay ends with the run
+_RELAY_TTL_S = 10.0  # a worker looks the relay up again after this (a run's relay ends with the run)
 
 
 def _relay_name() -> str:
@@ -177,13 +192,13 @@ def _relay_name() -> str:
     return f"kard_console_{ray.get_runtime_context().get_job_id()}"
 
 
-def _relay_handle():
+def _relay_handle(fresh: bool = False):
     try:
         import ray
 
         if not ray.is_initialized():
             return None
-        if time.monotonic() - _relay_cache["checked"] > _RELAY_TTL_S:
+        if fresh or time.monotonic() - _relay_cache["checked"] > _RELAY_TTL_S:
             _relay_cache["checked"], _relay_cache["handle"] = time.monotonic(), None
             _relay_cache["handle"] = ray.get_actor(_relay_name(), namespace="kard_ray")
     except Exception:  # no relay in this job: Ray forwards the worker's stdout, as for any worker

@@ -111,17 +111,18 @@ def test_workers_lines_reach_the_driver_console_in_order(ray_session, tmp_path, 
         console.count("evaluate x", 2, 4, "questions", t)
         return os.getpid()
 
-    with console.session(str(tmp_path / "logs")) as sess:
-        sess.start_relay()
-        pids = ray_session.get([work.remote(0), work.remote(1)])
-        console.say("[driver] after the workers")
-    out = capsys.readouterr().out.splitlines()
-    assert os.getpid() not in pids
-    assert [l for l in out if l.startswith("[worker]")] in (["[worker] line 0", "[worker] line 1"],
-                                                             ["[worker] line 1", "[worker] line 0"]), out
-    counts = [l for l in out if l.startswith("[evaluate x]")]  # a fast stage shows its last line only
-    assert len(counts) == 1 and counts[0].startswith("[evaluate x] 4/4 questions (100%) | "), out
-    assert len(out) == 4 and out[-1] == "[driver] after the workers", out
+    for run in range(2):  # a second run: workers that cached the first run's relay find the new one
+        with console.session(str(tmp_path / f"logs{run}")) as sess:
+            sess.start_relay()
+            pids = ray_session.get([work.remote(0), work.remote(1)])
+            console.say("[driver] after the workers")
+        out = capsys.readouterr().out.splitlines()
+        assert os.getpid() not in pids
+        assert [l for l in out if l.startswith("[worker]")] in (["[worker] line 0", "[worker] line 1"],
+                                                                 ["[worker] line 1", "[worker] line 0"]), out
+        counts = [l for l in out if l.startswith("[evaluate x]")]  # a fast stage shows its last line only
+        assert len(counts) == 1 and counts[0].startswith("[evaluate x] 4/4 questions (100%) | "), out
+        assert len(out) == 4 and out[-1] == "[driver] after the workers", out
 
 
 def test_a_new_run_counts_from_zero():
