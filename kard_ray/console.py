@@ -250,6 +250,7 @@ class session:
     def __init__(self, logs_dir: str, upload_to: Optional[str] = None):
         self.logs_dir, self.upload_to = logs_dir, upload_to
         self.relay, self._stop, self._drainer, self._undo = None, threading.Event(), None, []
+        self.keep_ray_logs = False  # set when this process started Ray: its log files are the run's to keep
 
     def __enter__(self) -> "session":
         os.makedirs(self.logs_dir, exist_ok=True)
@@ -293,8 +294,6 @@ class session:
             self.drain()
 
     def __exit__(self, *exc) -> None:
-        from kard_ray.runtime import started_ray_here
-
         if self._drainer is not None:
             self._stop.set()
             self._drainer.join(timeout=15)
@@ -303,7 +302,7 @@ class session:
                 import ray
 
                 ray.kill(self.relay)  # no one drains it after the run: workers fall back to their stdout
-        if started_ray_here():
+        if self.keep_ray_logs:
             _copy_ray_logs(os.path.join(self.logs_dir, "ray"))  # per Ray session: a rerun keeps both
         _routing[0], _session[0] = False, None
         for undo in reversed(self._undo):

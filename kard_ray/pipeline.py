@@ -350,13 +350,14 @@ def run(cfg: KardConfig, from_stage: str | None = None, only: list[str] | None =
     unless `resume`. A stage that runs because its inputs changed resumes only an identical run."""
     check_stage_names([s for s in [from_stage, *(only or [])] if s is not None], "--only/--from-stage")
     from kard_ray.config import resolve_local_paths
-    from kard_ray.runtime import init_ray
+    from kard_ray.runtime import init_ray, started_ray_here
 
     cfg = resolve_local_paths(cfg)  # Ray Train workers run in another directory
     run_dir = io.RunDir(cfg.run_dir)
     io.makedirs(run_dir.root)
     with _console_session(run_dir) as con:
         init_ray(cfg)
+        con.keep_ray_logs = started_ray_here()
         con.start_relay()
         manifest = load_manifest(run_dir)
         parts = fingerprint_parts(cfg)
