@@ -261,6 +261,7 @@ class session:
         self._undo.append(_file_warnings(log))
         self._undo.append(_filter_stderr(log, quiet=not is_verbose()))
         self._undo.append(_file_ray_messages(log, quiet=not is_verbose()))
+        self._undo.append(_file_stdout_loggers(log, quiet=not is_verbose()))
         _console.reset()
         _routing[0], _session[0] = True, self
         return self
@@ -336,6 +337,35 @@ def _file_warnings(log):
         pw.propagate = True
 
     return undo
+
+
+# Libraries whose logger writes straight to stdout with a handler of its own (DeepSpeed, imported by
+# transformers' save_pretrained through accelerate, warns "Setting accelerator to CPU" there).
+_STDOUT_LOGGERS = ("DeepSpeed",)
+
+
+class _ToLog(logging.Filter):
+    """On a logger: its records go to the run's log file, not to the logger's own (stdout) handlers.
+    A logger filter, not a handler: it is in place before the library is imported and adds its handler."""
+
+    def __init__(self, log):
+        super().__init__()
+        self.log = log
+        self.fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def filter(self, record) -> bool:
+        with contextlib.suppress(Exception):
+            self.log.write((self.fmt.format(record) + "\n").encode())
+        return False
+
+
+def _file_stdout_loggers(log, quiet: bool):
+    if not quiet:
+        return lambda: None
+    to_log = _ToLog(log)
+    for name in _STDOUT_LOGGERS:
+        logging.getLogger(name).addFilter(to_log)
+    return lambda: [logging.getLogger(name).removeFilter(to_log) for name in _STDOUT_LOGGERS]
 
 
 def _file_ray_messages(log, quiet: bool):

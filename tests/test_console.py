@@ -73,6 +73,8 @@ with console.session(sys.argv[1]):
     console.say("[pipeline] a line of ours")
     import ray._private.worker as w  # what the cluster pushes to a driver, printed by Ray on stdout
     w.print_to_stdstream({"lines": ["WARNING: 10 PYTHON worker processes"], "pid": "raylet", "is_err": False}, False)
+    import deepspeed  # its logger has a stdout handler of its own: "Setting accelerator to CPU" (no GPU here)
+    deepspeed.utils.logger.warning("a DeepSpeed warning")
 sys.stderr.write("after the session\n")
 """
 
@@ -90,7 +92,7 @@ def test_quiet_console_files_rays_internal_lines_and_keeps_the_rest(tmp_path):
     log = (logs / "driver.log").read_text()
     for kept in ("Starting execution of Dataset x", "core_worker.cc:2465", "8 PYTHON worker processes",
                  "pid=123) some worker output", "Progress bars disabled", "a library's FutureWarning",
-                 "(raylet) WARNING: 10 PYTHON worker processes",
+                 "(raylet) WARNING: 10 PYTHON worker processes", "a DeepSpeed warning",
                  "a line for the user"):
         assert kept in log, kept
 
