@@ -52,7 +52,8 @@ def test_weight_fingerprint_changes_with_every_weight_input_and_only_those(tmp_p
     changed = [weight_inputs(dataclasses.replace(cfg, lr=cfg.lr * 2), {"init_model": "m"}, 0, 100, "d1"),
                weight_inputs(dataclasses.replace(cfg, n_knowledge=2), {"init_model": "m"}, 0, 100, "d1"),
                weight_inputs(cfg, {"init_model": "m2"}, 0, 100, "d1"), weight_inputs(cfg, {"init_model": "m"}, 1, 100, "d1"),
-               weight_inputs(cfg, {"init_model": "m"}, 0, 101, "d1"), weight_inputs(cfg, {"init_model": "m"}, 0, 100, "d2")]
+               weight_inputs(cfg, {"init_model": "m"}, 0, 101, "d1"), weight_inputs(cfg, {"init_model": "m"}, 0, 100, "d2"),
+               weight_inputs(dataclasses.replace(cfg, cpu_bf16=True), {"init_model": "m"}, 0, 100, "d1")]
     assert all(fingerprint_of(c) != fp for c in changed)
     same = weight_inputs(dataclasses.replace(cfg, log_every_steps=3, keep_checkpoints=5), {"init_model": "m"}, 0, 100, "d1")
     assert fingerprint_of(same) == fp  # logging and retention do not change the weights
@@ -169,6 +170,26 @@ def test_in_process_loop_logs_every_step_and_learns(ray_session, examples, tiny_
     from kard_ray.models import load_seq2seq, load_tokenizer
 
     assert load_seq2seq(out) is not None and load_tokenizer(out).pad_token_id == 0
+
+
+@pytest.mark.timeout(300)
+def test_cpu_bf16_autocast_trains_fp32_weights_in_bf16_arithmetic(ray_session, examples, tiny_t5_dir, tmp_path):
+    """cpu_bf16: the forward passes run in bf16 (the loss curve moves off fp32's from the first step, by
+    bf16's rounding, not more) while the exported weights stay fp32 and learn."""
+    from kard_ray.training.engines import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        pytest.skip("this CPU has no native bf16: cpu_bf16 falls back to fp32")
+    ds = _dataset(ray_session, examples[:64], tiny_t5_dir)
+    kw = dict(batch_size=8, max_steps=12, lr=3e-3, log_every_steps=1)
+    fp32, fp32_out = _run(ds, tiny_t5_dir, tmp_path, "fp32", **kw)
+    bf16, bf16_out = _run(ds, tiny_t5_dir, tmp_path, "bf16", cpu_bf16=True, **kw)
+    a, b = fp32["loss_curve"], bf16["loss_curve"]
+    assert a[0] != b[0] and abs(a[0] - b[0]) < 0.02 * a[0], (a[0], b[0])
+    assert sum(b[-3:]) / 3 < 0.8 * sum(b[:3]) / 3, b
+    weights = _weights(bf16_out)
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    assert any(not torch.equal(w, _weights(fp32_out)[k]) for k, w in weights.items())
 
 
 class _RecordOrder:

@@ -237,7 +237,7 @@ def _train_step(engine, task: TrainTask, micro: list[dict], step: int, world: in
     step_loss = torch.zeros((), device=engine.device)
     for i, batch in enumerate(micro):
         with engine.forward_context(last_micro=i == len(micro) - 1):
-            with torch.autocast("cuda", dtype=torch.bfloat16) if engine.autocast else contextlib.nullcontext():
+            with torch.autocast(engine.device.type, dtype=torch.bfloat16) if engine.autocast else contextlib.nullcontext():
                 loss, n_tokens = task.loss_fn(engine.module, batch, step)
             weighted = loss.float() * weights[i]
             engine.backward(weighted)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -46,8 +47,7 @@ class TorchEngine:
             self.module = self.unwrapped
         self.optimizer = build_optimizer(self.unwrapped, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, total_steps)
-        # bf16 autocast only on GPU: on CPU it is slower and the config documents it as GPU-only.
-        self.autocast = device.type == "cuda" and cfg.bf16
+        self.autocast = use_autocast(device, cfg)
 
     def forward_context(self, last_micro: bool):
         """Skip DDP's gradient all-reduce on all but the last micro-batch of an accumulation window."""
@@ -91,6 +91,25 @@ class TorchEngine:
     def export_model(self, build_model, model_config: dict, checkpoint_dir: Optional[str], rank: int):
         """The trained module (every rank holds full weights under DDP); only rank 0 uses it."""
         return self.unwrapped if rank == 0 else None
+
+
+def cpu_has_native_bf16() -> bool:
+    """oneDNN's own test for bf16 instructions: without them CPU autocast emulates bf16 and is slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def use_autocast(device: torch.device, cfg: TrainingConfig) -> bool:
+    """Whether the forward passes run under bf16 autocast on `device` (GPU: `bf16`; CPU: `cpu_bf16`)."""
+    if device.type == "cuda":
+        return bool(cfg.bf16)
+    if getattr(cfg, "cpu_bf16", False):
+        if cpu_has_native_bf16():
+            return True
+        warnings.warn("cpu_bf16: this CPU has no native bf16 (AVX-512 BF16 / AMX); training in fp32")
+    return False
 
 
 def deepspeed_config(cfg: TrainingConfig, use_bf16: bool) -> dict:
