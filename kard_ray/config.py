@@ -332,7 +332,7 @@ class TrainingConfig:
     warmup_steps: int = _f(0, "Warmup steps (linear schedule).")
     max_grad_norm: Optional[float] = _f(1.0, "Clip gradients to this norm; null disables.")
     bf16: bool = _f(True, "bf16 autocast on GPU.")
-    cpu_bf16: bool = _f(False, "bf16 autocast on CPU too, where the CPU computes bf16 natively (AVX-512 BF16 or AMX; else ignored with a warning). The tiny demo students step ~1.4x faster on this project's 2-core EPYC; weights and optimizer stay fp32.")
+    cpu_bf16: bool = _f(False, "bf16 autocast on CPU too, where the CPU computes bf16 natively (AVX-512 BF16 or AMX; else ignored with a warning). The demo students step 1.5-1.6x faster on this project's 2-core EPYC (README); weights and optimizer stay fp32.")
     gradient_checkpointing: bool = _f(False, "Trade compute for memory.")
     checkpoint_every_steps: int = _f(0, "Report a checkpoint every N steps (0: only at epoch end).")
     keep_checkpoints: int = _f(2, "Keep the last K checkpoints.")

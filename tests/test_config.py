@@ -109,3 +109,17 @@ def test_tracking_store_defaults_to_the_run_directory_and_a_uri_run_needs_one():
         tracking_uri(remote)
     given = load_config(str(REPO / "configs" / "demo.yaml"), ["run_dir=s3://bucket/run", "tracking.uri=http://mlflow:5000"])
     assert tracking_uri(given) == ("http://mlflow:5000", None)
+
+
+def test_readme_configuration_reference_is_the_generated_one():
+    """README's table is `kard-ray config --reference`: a field added or re-documented shows up there."""
+    import subprocess
+    import sys
+
+    ref = subprocess.run([sys.executable, "-m", "kard_ray.cli", "config", "--reference"], capture_output=True,
+                         text=True, check=True, cwd=REPO).stdout.strip().splitlines()
+    readme = (REPO / "README.md").read_text().splitlines()
+    start = readme.index(ref[0])
+    table = readme[start:start + len(ref)]
+    after = readme[start + len(ref):start + len(ref) + 1]
+    assert table == ref and not (after and after[0].startswith("|")), "README.md: regenerate with `kard-ray config --reference`"
