@@ -102,9 +102,9 @@ def majority(votes: list[int]) -> int:
 class StudentGenerator:
     """Loads a `save_pretrained` student once; turns (question, options, passages) into predictions."""
 
-    def __init__(self, model_dir: str, dataset: str, max_new_tokens: Optional[int] = 128, decoding: str = "greedy",
-                 n_votes: int = 1, temperature: float = 0.7, max_source_length: int = 512,
-                 score_by: str = "letter_or_text", seed: int = 0, device: str | None = None, variant: str = "kard"):
+    def __init__(self, model_dir: str, dataset: str, max_new_tokens: Optional[int] = 128, device: str | None = None,
+                 **reading):
+        """`reading`: how it decodes and reads answers (the keywords of `_configure`, with their defaults)."""
         import torch
 
         from kard_ray.models import load_seq2seq, load_tokenizer
@@ -113,11 +113,10 @@ class StudentGenerator:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(model_dir)
         self.model = load_seq2seq(model_dir).to(self.device).eval()
-        self._configure(dataset, resolve_max_new_tokens(model_dir, max_new_tokens), decoding, n_votes, temperature,
-                        max_source_length, score_by, seed, variant)
+        self._configure(dataset, resolve_max_new_tokens(model_dir, max_new_tokens), **reading)
 
     @classmethod
-    def wrap(cls, model, tokenizer, dataset: str, max_new_tokens: int, **kw) -> "StudentGenerator":
+    def wrap(cls, model, tokenizer, dataset: str, max_new_tokens: int, **reading) -> "StudentGenerator":
         """The same reading around a model in memory (validation during training: the trainer's model,
         in eval mode, on its own device)."""
         import torch
@@ -125,13 +124,12 @@ class StudentGenerator:
         self = cls.__new__(cls)
         self.torch, self.model, self.tokenizer = torch, model, tokenizer
         self.device = next(model.parameters()).device
-        self._configure(dataset, int(max_new_tokens), kw.get("decoding", "greedy"), kw.get("n_votes", 1),
-                        kw.get("temperature", 0.7), kw.get("max_source_length", 512), kw.get("score_by", "letter_or_text"),
-                        kw.get("seed", 0), kw.get("variant", "kard"))
+        self._configure(dataset, int(max_new_tokens), **reading)
         return self
 
-    def _configure(self, dataset, max_new_tokens, decoding, n_votes, temperature, max_source_length, score_by,
-                   seed, variant) -> None:
+    def _configure(self, dataset: str, max_new_tokens: int, decoding: str = "greedy", n_votes: int = 1,
+                   temperature: float = 0.7, max_source_length: int = 512, score_by: str = "letter_or_text",
+                   seed: int = 0, variant: str = "kard") -> None:
         self.dataset = dataset
         self.max_new_tokens = max_new_tokens
         self.variant = variant  # what its targets look like: "ft" answers alone, "kard"/"rd" rationale first

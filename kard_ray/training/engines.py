@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from typing import Any, Optional
 
 import torch
@@ -108,7 +107,9 @@ def use_autocast(device: torch.device, cfg: TrainingConfig) -> bool:
     if getattr(cfg, "cpu_bf16", False):
         if cpu_has_native_bf16():
             return True
-        warnings.warn("cpu_bf16: this CPU has no native bf16 (AVX-512 BF16 / AMX); training in fp32")
+        from kard_ray import console  # a worker's line reaches the driver's console (its warnings would not)
+
+        console.say("[train] WARNING cpu_bf16: this CPU has no native bf16 (AVX-512 BF16 / AMX); training in fp32")
     return False
 
 
