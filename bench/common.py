@@ -262,6 +262,9 @@ def quiet_ray_data() -> None:
 
     import ray
 
+    from kard_ray.runtime import configure_data_context
+
+    configure_data_context()  # the benchmarks read data as the jobs do
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False

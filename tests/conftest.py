@@ -63,8 +63,9 @@ def ray_session():
         ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                                               "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}})
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    from kard_ray.runtime import configure_data_context
+
+    configure_data_context()  # as every kard-ray job has it
     yield ray
     ray.shutdown()
 

@@ -147,7 +147,7 @@ def app_from_config(cfg: KardConfig, run_dir: Optional[str] = None, method: Opti
     reranker = Reranker.options(**opts["Reranker"]).bind(run.model(RERANKER) if METHODS[method].rerank else None, cfg)
     generator = Generator.options(**opts["Generator"]).bind(run.model(METHODS[method].student), cfg)
     settings = {"method": method, "k": cfg.eval.k, "k_star": cfg.reranker.k_star, "limits": Limits.from_config(cfg.serve),
-                "retry_after_s": cfg.serve.retry_after_s}
+                "retry_after_s": cfg.serve.retry_after_s, "calls_by_value": cfg.serve.calls_by_value}
     return Ingress.options(**opts["Ingress"]).bind(retriever, reranker, generator, settings)
 
 

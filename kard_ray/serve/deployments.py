@@ -258,6 +258,8 @@ class Ingress:
     """
 
     def __init__(self, retriever, reranker, generator, settings: dict):
+        if settings.get("calls_by_value"):  # serve.calls_by_value: gRPC between replicas, no object refs
+            retriever, reranker, generator = (h.options(_by_reference=False) for h in (retriever, reranker, generator))
         self.retriever, self.reranker, self.generator = retriever, reranker, generator
         self.method: str = settings["method"]
         self.default_k: int = settings["k"]
