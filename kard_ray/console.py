@@ -324,8 +324,7 @@ def _no_progress_bars() -> None:
 
 def _file_warnings(log):
     """Python warnings (a library's FutureWarning, ...) into the log file instead of stderr."""
-    handler = logging.StreamHandler(io_text(log))
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler = _log_handler(log)
     pw = logging.getLogger("py.warnings")
     pw.addHandler(handler)
     pw.propagate = False
@@ -344,18 +343,24 @@ def _file_warnings(log):
 _STDOUT_LOGGERS = ("DeepSpeed",)
 
 
+def _log_handler(log) -> logging.Handler:
+    """A logging handler that writes records to the run's log file (one format for all of them)."""
+    handler = logging.StreamHandler(io_text(log))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    return handler
+
+
 class _ToLog(logging.Filter):
     """On a logger: its records go to the run's log file, not to the logger's own (stdout) handlers.
     A logger filter, not a handler: it is in place before the library is imported and adds its handler."""
 
     def __init__(self, log):
         super().__init__()
-        self.log = log
-        self.fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.handler = _log_handler(log)
 
     def filter(self, record) -> bool:
         with contextlib.suppress(Exception):
-            self.log.write((self.fmt.format(record) + "\n").encode())
+            self.handler.handle(record)
         return False
 
 

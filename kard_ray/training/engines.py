@@ -104,7 +104,7 @@ def use_autocast(device: torch.device, cfg: TrainingConfig) -> bool:
     """Whether the forward passes run under bf16 autocast on `device` (GPU: `bf16`; CPU: `cpu_bf16`)."""
     if device.type == "cuda":
         return bool(cfg.bf16)
-    if getattr(cfg, "cpu_bf16", False):
+    if cfg.cpu_bf16:
         if cpu_has_native_bf16():
             return True
         from kard_ray import console  # a worker's line reaches the driver's console (its warnings would not)
