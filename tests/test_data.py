@@ -107,3 +107,25 @@ def test_synthetic_task_is_deterministic_and_split_by_entity(synthetic_cfg):
     assert len({r["question_id"] for r in a.rationales}) == len(a.train_questions)
     other = make_task(type(synthetic_cfg)(**{**synthetic_cfg.__dict__, "seed": 99}))
     assert other.passages != a.passages
+
+
+def test_reading_a_run_table_starts_no_footer_reader_actors(ray_session, tmp_path):
+    """Run tables are read through Ray Data's V1 parquet datasource (kard_ray.runtime.configure_data_context):
+    V2's FooterReader actors cost new worker processes and seconds on every read_parquet."""
+    import glob
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def footer_readers() -> int:  # each actor's worker log starts with its ":actor_name:" marker
+        logs = os.path.join(ray_session._private.worker._global_node.get_session_dir_path(), "logs")
+        return sum(":actor_name:FooterReader" in open(f, errors="replace").read(400)
+                   for f in glob.glob(os.path.join(logs, "worker-*.out")))
+
+    before = footer_readers()
+    for i in range(3):
+        pq.write_table(pa.table({"id": list(range(i * 10, i * 10 + 10))}), tmp_path / f"part-{i}.parquet")
+    rows = ray_session.data.read_parquet(str(tmp_path)).take_all()
+    assert sorted(r["id"] for r in rows) == list(range(30))
+    assert footer_readers() == before
