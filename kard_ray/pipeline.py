@@ -173,8 +173,15 @@ def _stage_mine(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     return {k: out[k] for k in ("rationales", "examples", "dropped")}
 
 
-def tiny_model_texts(run: io.RunDir, limit: int = 200_000) -> list[str]:
-    """The run's own text (passages, questions, rationales) for a tiny model's tokenizer."""
+def tiny_model_texts(run: io.RunDir, limit: int = 200_000, prompt_dataset: str | None = None) -> list[str]:
+    """The run's own text (passages, questions, rationales) for a tiny model's tokenizer.
+
+    With `prompt_dataset` (the student's tokenizer) each question comes as the student reads it: inside
+    the prompt template of that dataset (instruction, "Question:", "Knowledge:", "Explanation:",
+    "Answer:"), once per question as in the real inputs. A from-scratch BPE that never saw the template
+    spells its ~20 words out in 72 pieces, two thirds of an RD source at the demo's vocabulary, which
+    every training step then pays for."""
+    from kard_ray.inference.formats import ANSWER_LINE, format_source
     from kard_ray.knowledge import format_passage
 
     texts: list[str] = []
@@ -183,7 +190,9 @@ def tiny_model_texts(run: io.RunDir, limit: int = 200_000) -> list[str]:
     for split in ("train", "test"):
         if io.exists(run.questions(split)):
             q = io.read_table(run.questions(split))
-            texts += [f"{a} {' '.join(o)}" for a, o in zip(q.column("question").to_pylist(), q.column("options").to_pylist())]
+            for a, o in zip(q.column("question").to_pylist(), q.column("options").to_pylist()):
+                texts.append(f"{a} {' '.join(o)}" if prompt_dataset is None
+                             else format_source(a, list(o), [""], prompt_dataset) + ANSWER_LINE.rstrip())
     if io.exists(run.rationales):
         texts += io.read_table(run.rationales, columns=["text"]).column("text").to_pylist()[:limit]
     return texts
@@ -192,7 +201,7 @@ def tiny_model_texts(run: io.RunDir, limit: int = 200_000) -> list[str]:
 TINY_META = "kard_tiny.json"
 
 
-def resolve_model(name: str, tiny_cfg, run: io.RunDir, kind: str, seed: int) -> str:
+def resolve_model(name: str, tiny_cfg, run: io.RunDir, kind: str, seed: int, prompt_dataset: str | None = None) -> str:
     """A HF name/path as given, or for `tiny` a model built from scratch into the run directory.
 
     The tiny model is rebuilt whenever what it is built from changes — its `tiny` settings, the kind,
@@ -205,7 +214,7 @@ def resolve_model(name: str, tiny_cfg, run: io.RunDir, kind: str, seed: int) -> 
     from kard_ray.models import save_tiny_model
 
     out = run.model(f"init_{kind}")
-    texts = tiny_model_texts(run)
+    texts = tiny_model_texts(run, prompt_dataset=prompt_dataset)  # the digest below covers the template
     text_digest = hashlib.sha256("\x1e".join(texts).encode()).hexdigest()[:16]
     want = {"kind": kind, "seed": seed, "tiny": dataclasses.asdict(tiny_cfg), "texts": text_digest}
     meta = io.join(out, TINY_META)
@@ -235,7 +244,7 @@ def _stage_reranker(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
 def _stage_student(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     from kard_ray.training.student import train_student
 
-    init = resolve_model(cfg.student.model, cfg.student.tiny, run, "t5", cfg.seed)
+    init = resolve_model(cfg.student.model, cfg.student.tiny, run, "t5", cfg.seed, prompt_dataset=cfg.data.dataset)
     out = {}
     for v in variants(cfg):
         r = train_student(cfg, run, v, init, resume=resume)

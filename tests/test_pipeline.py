@@ -105,6 +105,24 @@ def test_demo_student_vocabulary_has_no_test_only_name_pieces(demo_run):
     assert len(untrained) / len(pieces) <= 0.05, (len(untrained), len(pieces), untrained[:20])
 
 
+def test_demo_student_tokenizer_knows_the_prompt_template(demo_run):
+    """The student's tokenizer was fitted on the prompt as the student reads it: the instruction and the
+    field names are whole words, not letters (unfitted, the demo's instruction alone took 72 tokens of an
+    RD source of 105, and every training step paid for them)."""
+    from kard_ray.inference.formats import format_source
+    from kard_ray.models import load_tokenizer
+
+    cfg, _ = demo_run
+    tok = load_tokenizer(io.RunDir(cfg.run_dir).model("init_t5"))
+    template = format_source("", ["", ""], [""], cfg.data.dataset)
+    words = set(re.findall(r"[A-Za-z]{2,}", template))
+    pieces = tok.tokenize(template)
+    split = words - {p.lstrip("Ġ") for p in pieces}  # a word in several pieces is no piece of its own
+    assert len(words) >= 15 and not split, (split, pieces)
+    for field in ("Question", "Knowledge", "Explanation"):
+        assert tok.tokenize("\n" + field + ":")[-2:] == [field, ":"], tok.tokenize("\n" + field + ":")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3000)  # includes building the shared demo run when this test runs alone
 def test_rerun_skips_finished_stages_and_lr_change_reruns_student_onward(demo_run, capsys, tmp_path, monkeypatch):

@@ -61,8 +61,11 @@ def _tokenize_batch(batch: pa.Table, tokenizer_path: str, max_source_length: int
 
 
 def tokenize_examples(ds, tokenizer_path: str, max_source_length: int, max_target_length: Optional[int]):
-    """Ray Data: {question_id, sample, source, target} -> {question_id, sample, input_ids, labels}."""
-    return ordered(ds.map_batches(_tokenize_batch, batch_format="pyarrow", batch_size=256, num_cpus=0.5,
+    """Ray Data: {question_id, sample, source, target} -> {question_id, sample, input_ids, labels}.
+
+    Batches of 4,096 rows: each batch is a task, and at 256 rows the tasks' overhead made the demo's
+    21,588 examples take 15.6 s (6.1 s with warm workers) against 8.8 s (2.4 s) here, measured."""
+    return ordered(ds.map_batches(_tokenize_batch, batch_format="pyarrow", batch_size=4096, num_cpus=0.5,
                                   fn_kwargs={"tokenizer_path": tokenizer_path, "max_source_length": max_source_length,
                                              "max_target_length": max_target_length}))
 
