@@ -102,3 +102,28 @@ def test_changed_tiny_settings_rebuild_the_init_model(ray_session, tmp_path):
     resolve_model("tiny", bigger, run, "t5", 0)
     assert 300 < len(load_tokenizer(path)) <= 500
     assert json.loads((Path(path) / "config.json").read_text())["vocab_size"] != first["vocab_size"]
+
+
+def test_changed_prompt_template_rebuilds_the_student_init_model(ray_session, tmp_path):
+    """The student's tiny tokenizer is fitted on the prompt template: another template (here MedQA's, whose
+    instruction names its domain) is another tokenizer, never the old one reused."""
+    from kard_ray.config import TinyModelConfig
+    from kard_ray.data import schemas
+    from kard_ray.models import load_tokenizer
+    from kard_ray.pipeline import resolve_model
+
+    import pyarrow as pa
+
+    run = io.RunDir(str(tmp_path / "run"))
+    io.write_table(pa.Table.from_pylist([{"id": str(i), "title": f"T{i}", "text": f"town{i} exports salt{i}"}
+                                         for i in range(200)], schema=schemas.PASSAGES),
+                   io.join(run.passages, "part-0.parquet"))
+    io.write_table(pa.Table.from_pylist([{"id": f"q{i}", "dataset": "x", "split": "train", "answer": 0,
+                                          "question": f"What does town{i} export?", "options": [f"salt{i}", "tin"]}
+                                         for i in range(200)], schema=schemas.QUESTIONS), run.questions("train"))
+    small = TinyModelConfig(d_model=32, n_layers=1, n_heads=2, d_ff=64, vocab_size=600)
+    path = resolve_model("tiny", small, run, "t5", 0, prompt_dataset="synthetic")
+    assert load_tokenizer(path).tokenize(" medical") != ["Ġmedical"]  # the demo's template lacks the word
+    assert resolve_model("tiny", small, run, "t5", 0, prompt_dataset="synthetic") == path  # unchanged: reused
+    resolve_model("tiny", small, run, "t5", 0, prompt_dataset="medqa")
+    assert load_tokenizer(path).tokenize(" medical") == ["Ġmedical"]  # rebuilt on MedQA's instruction
