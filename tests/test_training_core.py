@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from kard_ray.config import StudentConfig
+from kard_ray.config import LoraConfig, StudentConfig
 from kard_ray.training.core import make_plan, train
 from kard_ray.training.optim import lr_lambda
 from kard_ray.training.student import seq2seq_task, tokenize_examples
@@ -53,8 +53,10 @@ def test_weight_fingerprint_changes_with_every_weight_input_and_only_those(tmp_p
                weight_inputs(dataclasses.replace(cfg, n_knowledge=2), {"init_model": "m"}, 0, 100, "d1"),
                weight_inputs(cfg, {"init_model": "m2"}, 0, 100, "d1"), weight_inputs(cfg, {"init_model": "m"}, 1, 100, "d1"),
                weight_inputs(cfg, {"init_model": "m"}, 0, 101, "d1"), weight_inputs(cfg, {"init_model": "m"}, 0, 100, "d2"),
-               weight_inputs(dataclasses.replace(cfg, cpu_bf16=True), {"init_model": "m"}, 0, 100, "d1")]
-    assert all(fingerprint_of(c) != fp for c in changed)
+               weight_inputs(dataclasses.replace(cfg, cpu_bf16=True), {"init_model": "m"}, 0, 100, "d1"),
+               weight_inputs(dataclasses.replace(cfg, lora=LoraConfig(r=8)), {"init_model": "m"}, 0, 100, "d1"),
+               weight_inputs(dataclasses.replace(cfg, lora=LoraConfig(r=8, alpha=32)), {"init_model": "m"}, 0, 100, "d1")]
+    assert len({fingerprint_of(c) for c in changed} | {fp}) == len(changed) + 1
     same = weight_inputs(dataclasses.replace(cfg, log_every_steps=3, keep_checkpoints=5), {"init_model": "m"}, 0, 100, "d1")
     assert fingerprint_of(same) == fp  # logging and retention do not change the weights
     assert describe_change(base, changed[3]) == "config changed (seed 0 -> 1)"

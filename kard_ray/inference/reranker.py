@@ -108,7 +108,9 @@ class CrossEncoder(torch.nn.Module):
     def from_pretrained(cls, name_or_path: str) -> "CrossEncoder":
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1)
+        from kard_ray.models import model_path
+
+        model = AutoModelForSequenceClassification.from_pretrained(model_path(name_or_path), num_labels=1)
         if model.config.pad_token_id is None:
             # Needed by heads that pool the last non-pad token (decoder-style encoders).
             model.config.pad_token_id = load_reranker_tokenizer(name_or_path).pad_token_id

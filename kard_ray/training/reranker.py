@@ -42,6 +42,7 @@ from kard_ray.inference.reranker import (
     ARCHITECTURES, build_reranker, encode_pairs, encode_texts, load_reranker_tokenizer, save_reranker)
 from kard_ray.knowledge import format_passage
 from kard_ray.training.core import TrainTask, make_plan, ordered, train, tree_digest
+from kard_ray.training.lora import apply_lora, lora_settings, merge_lora
 from kard_ray.training.reranker_mining import EXAMPLES_SCHEMA, mine_candidates
 
 __all__ = ["EXAMPLES_SCHEMA", "listwise_loss", "mine_candidates", "reranker_task", "sample_candidates",
@@ -216,19 +217,28 @@ class RerankerLoss:
         return listwise_loss(scores, silver, valid_t, self.kind, self.tau_silver, tau_m), n_tokens
 
 
+# peft task type of the HF model inside each architecture: a cross-encoder's classifier head trains
+# fully (peft's modules_to_save); late interaction's compressor sits outside the adapted encoder.
+LORA_TASK = {"cross_encoder": ("model", "SEQ_CLS"), "late_interaction": ("encoder", "FEATURE_EXTRACTION")}
+
+
 class RerankerBuild:
     def __call__(self, model_config: dict) -> torch.nn.Module:
-        return build_reranker(model_config["architecture"], model_config["init_model"], model_config["colbert_dim"])
+        model = build_reranker(model_config["architecture"], model_config["init_model"], model_config["colbert_dim"])
+        if model_config.get("lora"):
+            attr, task_type = LORA_TASK[model.architecture]
+            setattr(model, attr, apply_lora(getattr(model, attr), model_config["lora"], task_type))
+        return model
 
 
 class RerankerExport:
-    """Weights + tokenizer + kard_reranker.json (architecture, lengths, training settings)."""
+    """Weights (LoRA adapters merged in) + tokenizer + kard_reranker.json (architecture, lengths, training settings)."""
 
     def __init__(self, tokenizer_path: str, meta: dict):
         self.tokenizer_path, self.meta = tokenizer_path, meta
 
     def __call__(self, model: torch.nn.Module, directory: str) -> None:
-        save_reranker(model, directory, load_reranker_tokenizer(self.tokenizer_path), self.meta)
+        save_reranker(merge_lora(model), directory, load_reranker_tokenizer(self.tokenizer_path), self.meta)
 
 
 def reranker_task(cfg: RerankerConfig, init_model: str, total_steps: int, seed: int) -> TrainTask:
@@ -270,6 +280,8 @@ def train_reranker(cfg: KardConfig, run: RunDir, init_model: str, *, resume: boo
     ds = reranker_dataset(cfg, run)
     n_rows = ds.count()
     model_config = {"init_model": init_model, "architecture": rc.architecture, "colbert_dim": rc.colbert_dim}
+    if rc.lora.r:
+        model_config["lora"] = lora_settings(rc.lora)
     plan = make_plan(rc, n_rows, model_config)
     task = reranker_task(rc, init_model, plan.total_steps, cfg.seed)
     out = run.model("reranker")

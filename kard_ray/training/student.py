@@ -29,6 +29,7 @@ from kard_ray.inference.generator import StudentGenerator, generation_defaults, 
 from kard_ray.io import RunDir
 from kard_ray.teacher.kept import kept_rationales
 from kard_ray.training.core import TrainTask, ordered, train, tree_digest
+from kard_ray.training.lora import apply_lora, lora_settings, merge_lora
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,18 +121,19 @@ class Seq2SeqBuild:
     def __call__(self, model_config: dict) -> torch.nn.Module:
         from kard_ray.models import load_seq2seq
 
-        model = load_seq2seq(model_config["init_model"])
+        model = apply_lora(load_seq2seq(model_config["init_model"]), model_config.get("lora"), "SEQ_2_SEQ_LM")
         model.config.use_cache = False  # no KV cache while training
         return model
 
 
 class Seq2SeqExport:
-    """save_pretrained of the model plus the tokenizer it was trained with."""
+    """save_pretrained of the model (LoRA adapters merged in) plus the tokenizer it was trained with."""
 
     def __init__(self, tokenizer_path: str):
         self.tokenizer_path = tokenizer_path
 
     def __call__(self, model: torch.nn.Module, directory: str) -> None:
+        model = merge_lora(model)
         model.config.use_cache = True  # generation wants the cache back
         model.save_pretrained(directory)
         _tokenizer(self.tokenizer_path).save_pretrained(directory)
@@ -316,7 +318,7 @@ def train_student(cfg: KardConfig, run: RunDir, variant: str, init_model: str, *
         task, rows = _validation_task(cfg, run, variant, init_model, generation_defaults(lengths)["max_new_tokens"])
     result = train(task, ds, train_cfg, output_dir=run.model(name),
                    storage_path=cfg.resources.storage_path or run.checkpoints, name=name,
-                   model_config={"init_model": init_model, "variant": variant}, seed=cfg.seed, resume=resume,
+                   model_config=student_model_config(cfg, init_model, variant), seed=cfg.seed, resume=resume,
                    fail_at_step=fail_at_step, data_digest=tree_digest(run.examples(name)),
                    validation=rows, validate_every=cfg.student.validate_every_steps,
                    validation_key=None if rows is None else {"reading": task.validate_fn.score_by,
@@ -325,6 +327,14 @@ def train_student(cfg: KardConfig, run: RunDir, variant: str, init_model: str, *
     # beside the exported student: what `eval.max_new_tokens: null` generates, so a whole target fits
     result["generation"] = write_generation_defaults(run.model(name), lengths)
     return result
+
+
+def student_model_config(cfg: KardConfig, init_model: str, variant: str) -> dict:
+    """What each training worker builds the student from (`Seq2SeqBuild`); part of the weight fingerprint."""
+    out = {"init_model": init_model, "variant": variant}
+    if cfg.student.lora.r:
+        out["lora"] = lora_settings(cfg.student.lora)
+    return out
 
 
 def _validation_task(cfg: KardConfig, run: RunDir, variant: str, init_model: str,
