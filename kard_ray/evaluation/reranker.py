@@ -79,16 +79,56 @@ def eval_inputs(cfg: KardConfig, run: RunDir) -> tuple[Optional[pa.Table], str]:
     return pa.Table.from_pylist(rows, schema=schema), source
 
 
+class ZeroShotDense:
+    """The zero-shot baselines inside the candidate lists: each candidate's cosine to the question under the
+    run's dense encoder (`knowledge.dense.encoder`, its stored passage embeddings: `build_indexes` writes them
+    whenever an encoder is set), and the reciprocal-rank fusion of that order with the retrieval order
+    (`knowledge.rrf_k`). Holds every stored embedding (passages x dim float32): an evaluation-size corpus."""
+
+    def __init__(self, run_dir: str, cfg: KnowledgeConfig):
+        import numpy as np
+
+        from kard_ray.knowledge.dense import Encoder
+
+        run = RunDir(run_dir)
+        table = io.read_table(run.embeddings, columns=["id", "embedding"])
+        self.row = {pid: i for i, pid in enumerate(table.column("id").to_pylist())}
+        self.vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        self.encoder = Encoder(cfg.dense.encoder, cfg.dense.pooling, cfg.dense.max_length, num_threads=1)
+        self.batch_size, self.rrf_k = cfg.dense.batch_size, cfg.rrf_k
+
+    def orders(self, queries: list[str], candidates: list[list[str]]) -> tuple[list[list[str]], list[list[str]]]:
+        """(dense order, hybrid order) of each query's candidate ids (ties keep retrieval order)."""
+        import numpy as np
+
+        q = self.encoder.encode(queries, self.batch_size)
+        dense, hybrid = [], []
+        for qv, ids in zip(q, candidates):
+            missing = [pid for pid in ids if pid not in self.row]
+            if missing:
+                raise KeyError(f"passage {missing[0]!r} has no stored embedding: rebuild the knowledge stage")
+            scores = self.vectors[[self.row[pid] for pid in ids]] @ qv
+            order = np.argsort(-scores, kind="stable")
+            dense.append([ids[i] for i in order])
+            dense_rank = np.empty(len(ids), np.int64)
+            dense_rank[order] = np.arange(1, len(ids) + 1)
+            fused = 1.0 / (self.rrf_k + np.arange(1, len(ids) + 1)) + 1.0 / (self.rrf_k + dense_rank)
+            hybrid.append([ids[i] for i in np.argsort(-fused, kind="stable")])
+        return dense, hybrid
+
+
 class EvalCandidates:
     """Ray Data actor: per held-out question, the BM25 top passage of its rationale (`silver_top_id`),
     and the retriever's top-k* for the question (`passage_*` columns, as `knowledge.retrieve` adds them,
-    plus `retrieved_ids`, the same ids kept in retrieval order)."""
+    plus `retrieved_ids`, the same ids kept in retrieval order); with `zero_shot`, also `dense_ids` and
+    `hybrid_ids` (`ZeroShotDense`)."""
 
-    def __init__(self, run_dir: str, cfg: KnowledgeConfig, k_star: int):
+    def __init__(self, run_dir: str, cfg: KnowledgeConfig, k_star: int, zero_shot: bool = False):
         from kard_ray.knowledge import Retriever
 
         self.retriever = Retriever.from_run_dir(run_dir, cfg)
         self.k_star = int(k_star)
+        self.zero_shot = ZeroShotDense(run_dir, cfg) if zero_shot else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from kard_ray.knowledge.retriever import append_results
@@ -99,12 +139,19 @@ class EvalCandidates:
         batch = batch.append_column("silver_top_id", pa.array(top, pa.string()))
         results = self.retriever.search_rows(batch.column("query").to_pylist(), self.k_star)
         batch = append_results(batch, results, self.retriever)
-        return batch.append_column("retrieved_ids", batch.column("passage_ids"))
+        batch = batch.append_column("retrieved_ids", batch.column("passage_ids"))
+        if self.zero_shot is not None:
+            dense, hybrid = self.zero_shot.orders(batch.column("query").to_pylist(),
+                                                  batch.column("retrieved_ids").to_pylist())
+            batch = batch.append_column("dense_ids", pa.array(dense, pa.list_(pa.string())))
+            batch = batch.append_column("hybrid_ids", pa.array(hybrid, pa.list_(pa.string())))
+        return batch
 
 
 def evaluate_reranker(cfg: KardConfig, run: RunDir, model_dir: str) -> dict:
-    """Hits@{1,3,5,10} of the silver top passage (BM25's top hit for a held-out question's rationale)
-    among the question's top-k* candidates, in retrieval order vs reranker order.
+    """Hits@{1,3,5,10} and MRR of the silver top passage (BM25's top hit for a held-out question's
+    rationale) among the question's top-k* candidates, in retrieval order vs reranker order (and, when
+    the run has dense embeddings, zero-shot dense and hybrid order: `ZeroShotDense`).
 
     Writes `<run>/eval/reranker_metrics.json` and returns it. The reranking runs as the batch stage
     (`rerank_dataset`), the same path evaluation uses.
@@ -120,25 +167,30 @@ def evaluate_reranker(cfg: KardConfig, run: RunDir, model_dir: str) -> dict:
         say(f"[reranker] Hits@k not measured: {source}")
         return metrics
     kc = cfg.knowledge
+    zero_shot = kc.dense.encoder is not None and io.exists(run.embeddings)
     ds = ray.data.from_arrow(table).map_batches(
         EvalCandidates, batch_format="pyarrow", batch_size=kc.retrieval_batch_size,
         compute=ray.data.ActorPoolStrategy(size=kc.retrieval_actors), num_cpus=kc.num_cpus_per_retrieval_actor,
-        fn_constructor_kwargs={"run_dir": run.root, "cfg": kc, "k_star": rc.k_star})
+        fn_constructor_kwargs={"run_dir": run.root, "cfg": kc, "k_star": rc.k_star, "zero_shot": zero_shot})
     ds = rerank_dataset(ds, model_dir, cfg, k=rc.k_star)
-    rows = sorted(ds.select_columns(["question_id", "silver_top_id", "retrieved_ids", "passage_ids"]).take_all(),
+    orders = {"bm25": "retrieved_ids", "reranker": "passage_ids"}
+    if zero_shot:
+        orders.update({"dense": "dense_ids", "hybrid": "hybrid_ids"})
+    rows = sorted(ds.select_columns(["question_id", "silver_top_id", *orders.values()]).take_all(),
                   key=lambda r: r["question_id"])
     gold = [r["silver_top_id"] for r in rows]
-    retrieved = [list(r["retrieved_ids"]) for r in rows]
-    reranked = [list(r["passage_ids"]) for r in rows]
+    ranked = {name: [list(r[col]) for r in rows] for name, col in orders.items()}
     metrics = {
         "n_questions": len(rows), "source": source, "k_star": rc.k_star, "retriever": kc.retriever,
-        "silver_in_candidates": hits_at(retrieved, gold, (rc.k_star,))[f"hits@{rc.k_star}"],
-        "bm25": hits_at(retrieved, gold), "reranker": hits_at(reranked, gold),
-        "architecture": rc.architecture, "loss": rc.loss, "model_dir": model_dir,
+        "silver_in_candidates": hits_at(ranked["bm25"], gold, (rc.k_star,))[f"hits@{rc.k_star}"],
+        **{name: hits_at(lists, gold) for name, lists in ranked.items()},
+        "orders": {"bm25": f"{kc.retriever} retrieval order", "reranker": "the distilled reranker",
+                   **({"dense": f"zero-shot cosine under {kc.dense.encoder}",
+                       "hybrid": f"reciprocal-rank fusion of retrieval and dense (k={kc.rrf_k})"} if zero_shot else {})},
+        "architecture": rc.architecture, "loss": rc.loss, "lora_r": rc.lora.r, "init_model": rc.model,
+        "model_dir": model_dir,
     }
     io.write_json(path, metrics)
-    b, r = metrics["bm25"], metrics["reranker"]
-    say("[reranker] Hits@1/3/5/10 on {} held-out questions: retrieval {} -> reranker {}".format(
-        len(rows), "/".join(f"{b[f'hits@{k}']:.3f}" for k in HITS_AT),
-        "/".join(f"{r[f'hits@{k}']:.3f}" for k in HITS_AT)))
+    say("[reranker] Hits@1/3/5/10 on {} held-out questions: {}".format(len(rows), "; ".join(
+        f"{name} " + "/".join(f"{metrics[name][f'hits@{k}']:.3f}" for k in HITS_AT) for name in orders)))
     return metrics

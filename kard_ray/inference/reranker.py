@@ -263,8 +263,12 @@ class Reranker:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, meta: dict, max_length: int = 256,
-                 device: str | None = None, pair_batch_size: int = 64):
+                 device: str | None = None, pair_batch_size: int = 64, cpu_bf16: bool = False):
+        from kard_ray.models import cpu_has_native_bf16
+
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # bf16 autocast on a CPU that computes bf16 natively (`reranker.cpu_bf16`, as in training); fp32 otherwise
+        self.autocast = bool(cpu_bf16) and self.device.type == "cpu" and cpu_has_native_bf16()
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.meta = meta
@@ -275,7 +279,7 @@ class Reranker:
 
     @classmethod
     def from_dir(cls, model_dir: str, max_length: int = 256, device: str | None = None,
-                 pair_batch_size: int = 64) -> "Reranker":
+                 pair_batch_size: int = 64, cpu_bf16: bool = False) -> "Reranker":
         """Load an exported reranker from a local directory or a URI (cached locally, see knowledge.store)."""
         from kard_ray.knowledge.store import local_dir
         from kard_ray.models import load_tokenizer
@@ -283,7 +287,7 @@ class Reranker:
         d = local_dir(model_dir)
         model, meta = load_reranker(d)
         return cls(model, load_tokenizer(d), meta, max_length=max_length, device=device,
-                   pair_batch_size=pair_batch_size)
+                   pair_batch_size=pair_batch_size, cpu_bf16=cpu_bf16)
 
     def rerank(self, question: str, candidates: list[str]) -> np.ndarray:
         """One float32 score per candidate (higher = more relevant), in the candidates' order."""
@@ -298,12 +302,16 @@ class Reranker:
         passages = [p for c in candidates for p in c]
         flat = np.zeros(len(passages), dtype=np.float32)
         if passages:
-            if self.architecture == "cross_encoder":
-                flat = self._cross_scores(questions, q_index, passages)
-            else:
-                flat = self._late_scores(questions, q_index, passages)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                flat = self._scores(questions, q_index, passages)
         bounds = np.cumsum([0] + [len(c) for c in candidates])
         return [flat[bounds[i]:bounds[i + 1]] for i in range(len(questions))]
+
+    def _scores(self, questions: list[str], q_index: np.ndarray, passages: list[str]) -> np.ndarray:
+        if self.architecture == "cross_encoder":
+            return self._cross_scores(questions, q_index, passages)
+        return self._late_scores(questions, q_index, passages)
+
 
     def _cross_scores(self, questions: list[str], q_index: np.ndarray, passages: list[str]) -> np.ndarray:
         out = []
@@ -337,9 +345,9 @@ PASSAGE_LISTS = ("passage_ids", "passage_titles", "passage_texts")
 class RerankBatch:
     """Ray Data actor: one Reranker (loaded once) reorders each row's passage lists and keeps the top k."""
 
-    def __init__(self, model_dir: str, max_length: int, k: int, num_threads: int = 1):
+    def __init__(self, model_dir: str, max_length: int, k: int, num_threads: int = 1, cpu_bf16: bool = False):
         torch.set_num_threads(max(1, num_threads))  # a fractional-CPU actor must not spawn a thread per core
-        self.reranker = Reranker.from_dir(model_dir, max_length=max_length)
+        self.reranker = Reranker.from_dir(model_dir, max_length=max_length, cpu_bf16=cpu_bf16)
         self.k = int(k)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -385,6 +393,6 @@ def rerank_dataset(ds, model_dir: str, cfg, k: int, *, batch_size: int = 8, num_
         RerankBatch, batch_format="pyarrow", batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=rc.num_actors), num_cpus=rc.num_cpus_per_actor, num_gpus=num_gpus,
         fn_constructor_kwargs={"model_dir": model_dir, "max_length": rc.max_length, "k": k,
-                               "num_threads": max(1, math.floor(rc.num_cpus_per_actor))})
+                               "num_threads": max(1, math.floor(rc.num_cpus_per_actor)), "cpu_bf16": rc.cpu_bf16})
 
 

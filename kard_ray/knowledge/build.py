@@ -16,7 +16,8 @@ from kard_ray.console import say
 
 
 def build_indexes(run: io.RunDir, cfg: KnowledgeConfig) -> dict:
-    """Build `run.bm25_index` always, and embeddings + `run.faiss_index` for dense/hybrid retrieval.
+    """Build `run.bm25_index` always, and embeddings + `run.faiss_index` whenever `knowledge.dense.encoder`
+    is set (dense/hybrid retrieval needs them; the reranker report orders candidates by them too).
 
     Returns timings and sizes: {"bm25": {...}, "dense": {...}} (dense only when built).
     """
@@ -37,7 +38,7 @@ def build_indexes(run: io.RunDir, cfg: KnowledgeConfig) -> dict:
         out["bm25"] = ray.get(task.remote(run.passages, run.bm25_index, cfg.bm25))
     say(f"[index] BM25: {out['bm25']['passages']} passages, {out['bm25']['terms']} terms "
         f"({cfg.bm25.shards} shard(s)) in {out['bm25']['total_s']} s -> {run.bm25_index}")
-    if cfg.retriever in ("dense", "hybrid"):
+    if cfg.dense.encoder is not None:  # dense/hybrid retrieval; with bm25, the reranker report's dense baselines
         from kard_ray.knowledge.dense import build_faiss_from_parquet, embed_passages
 
         stats = embed_passages(run.passages, run.embeddings, cfg.dense, resume=cfg.dense.resume_embedding)

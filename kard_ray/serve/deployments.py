@@ -114,7 +114,8 @@ class Reranker:
         if model_dir is not None:
             from kard_ray.inference.reranker import Reranker as TrainedReranker
 
-            self.reranker = TrainedReranker.from_dir(model_dir, max_length=cfg.reranker.max_length, device=_device())
+            self.reranker = TrainedReranker.from_dir(model_dir, max_length=cfg.reranker.max_length, device=_device(),
+                                                    cpu_bf16=cfg.reranker.cpu_bf16)
 
     async def rerank(self, query: str, candidates: list[dict], k: int) -> list[dict]:
         """The top-k candidates by reranker score (their `score` replaced by it), best first."""

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from kard_ray.config import TrainingConfig
+from kard_ray.models import cpu_has_native_bf16
 from kard_ray.training.optim import build_optimizer, build_scheduler
 
 DS_TAG = "ckpt"
@@ -90,14 +91,6 @@ class TorchEngine:
     def export_model(self, build_model, model_config: dict, checkpoint_dir: Optional[str], rank: int):
         """The trained module (every rank holds full weights under DDP); only rank 0 uses it."""
         return self.unwrapped if rank == 0 else None
-
-
-def cpu_has_native_bf16() -> bool:
-    """oneDNN's own test for bf16 instructions: without them CPU autocast emulates bf16 and is slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def use_autocast(device: torch.device, cfg: TrainingConfig) -> bool:

@@ -4,7 +4,7 @@ The trainer core never sees the difference: `build_model` returns a peft-wrapped
 adapters, and the heads a task adds, require gradients, so the optimizer, DDP and DeepSpeed ZeRO hold
 just those), checkpoints hold its state dict, and `merge_lora` folds the adapters into the base weights
 before `save_pretrained`, so an exported LoRA model is a plain HF directory that `from_pretrained`,
-`StudentGenerator.from_dir` and `Reranker.from_dir` load as they load any other.
+`StudentGenerator(model_dir)` and `Reranker.from_dir` load as they load any other.
 
     model = apply_lora(load_seq2seq(path), lora_settings(cfg.student.lora), "SEQ_2_SEQ_LM")
     ...train...
