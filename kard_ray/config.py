@@ -128,6 +128,7 @@ class DenseConfig:
     num_actors: int = _f(1, "Embedding actors in the Ray Data pool.")
     num_cpus_per_actor: float = _f(1.0, "CPUs each embedding actor reserves (fractional leaves room for reads).")
     num_gpus_per_actor: float = _f(0.0, "GPUs each embedding actor reserves.")
+    cpu_bf16: bool = _f(False, "Embed (passages and queries alike) under bf16 autocast on CPUs that compute bf16 natively (else fp32).")
     index_type: Literal["flat", "ivfpq", "hnsw"] = _f("flat", "faiss index: exact inner product, IVF-PQ or HNSW.")
     nlist: int = _f(1024, "IVF lists (ivfpq).")
     pq_m: int = _f(16, "PQ sub-quantisers (ivfpq); must divide the embedding size.")

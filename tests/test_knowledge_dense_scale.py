@@ -126,3 +126,19 @@ def test_ivfpq_recall_at_10_vs_exact_is_reported(ray_session, shared_data, tmp_p
     np.testing.assert_allclose(np.take_along_axis(q @ vecs.T, exact[:, :1], 1)[:, 0], (q @ vecs.T).max(1), rtol=1e-5)
     again = np.mean([len(set(e) & set(g)) / 10 for e, g in zip(exact.tolist(), got.tolist())])
     assert abs(again - recall) < 0.15, (again, recall)
+
+
+def test_bf16_encoder_stays_close_to_fp32(tiny_bert_dir):
+    """`knowledge.dense.cpu_bf16`: the same unit vectors to bf16 precision (cosine > 0.99 to fp32's), computed in
+    bf16 where the CPU has it (else the flag is ignored and the vectors are fp32's exactly)."""
+    from kard_ray.knowledge.dense import Encoder
+    from kard_ray.models import cpu_has_native_bf16
+
+    texts = ["Brax . The main export of Brax is salt.", "Drel . The flag of Drel is teal.", "a b c d e f g h"]
+    fp32 = Encoder(tiny_bert_dir, "mean", 64, num_threads=1).encode(texts)
+    bf16_enc = Encoder(tiny_bert_dir, "mean", 64, num_threads=1, cpu_bf16=True)
+    bf16 = bf16_enc.encode(texts)
+    assert bf16.dtype == np.float32 and np.allclose(np.linalg.norm(bf16, axis=1), 1.0, atol=1e-5)
+    assert (np.sum(fp32 * bf16, axis=1) > 0.99).all()
+    assert bf16_enc.autocast == cpu_has_native_bf16()
+    assert (not np.array_equal(fp32, bf16)) == bf16_enc.autocast

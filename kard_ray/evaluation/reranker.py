@@ -94,7 +94,8 @@ class ZeroShotDense:
         table = io.read_table(run.embeddings, columns=["id", "embedding"])
         self.row = {pid: i for i, pid in enumerate(table.column("id").to_pylist())}
         self.vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
-        self.encoder = Encoder(cfg.dense.encoder, cfg.dense.pooling, cfg.dense.max_length, num_threads=1)
+        self.encoder = Encoder(cfg.dense.encoder, cfg.dense.pooling, cfg.dense.max_length, num_threads=1,
+                               cpu_bf16=cfg.dense.cpu_bf16)
         self.batch_size, self.rrf_k = cfg.dense.batch_size, cfg.rrf_k
 
     def orders(self, queries: list[str], candidates: list[list[str]]) -> tuple[list[list[str]], list[list[str]]]:

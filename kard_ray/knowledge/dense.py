@@ -44,8 +44,10 @@ class Encoder:
     """An HF encoder (AutoModel + AutoTokenizer) that turns texts into L2-normalised vectors."""
 
     def __init__(self, name_or_path: str, pooling: str = "mean", max_length: int = 256,
-                 device: str | None = None, num_threads: int | None = None):
+                 device: str | None = None, num_threads: int | None = None, cpu_bf16: bool = False):
         import torch
+
+        from kard_ray.models import cpu_has_native_bf16
 
         if num_threads:
             torch.set_num_threads(num_threads)  # fractional-CPU actors must not each grab every core
@@ -58,6 +60,8 @@ class Encoder:
         self.model = load_encoder(name_or_path).to(self.device)
         self.model.eval()  # transformers 5 builds models in train mode (dropout on)
         self.dim = int(self.model.config.hidden_size)
+        # bf16 autocast on a CPU with native bf16 (`knowledge.dense.cpu_bf16`); vectors are normalised in fp32
+        self.autocast = bool(cpu_bf16) and self.device == "cpu" and cpu_has_native_bf16()
 
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         import torch
@@ -70,8 +74,8 @@ class Encoder:
             enc = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True,
                                  max_length=self.max_length, return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-            with torch.inference_mode():
-                hidden = self.model(**enc).last_hidden_state
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                hidden = self.model(**enc).last_hidden_state.float()
                 if self.pooling == "cls":
                     vec = hidden[:, 0]
                 else:
@@ -115,16 +119,16 @@ class EmbedBlocks:
     publishes that file atomically. The encoder is loaded once per actor, and only when needed."""
 
     def __init__(self, out_dir: str, encoder: str, pooling: str, max_length: int, batch_size: int,
-                 num_threads: int, journal: bool):
+                 num_threads: int, journal: bool, cpu_bf16: bool = False):
         self.out_dir, self.journal = out_dir, journal
-        self.args = (encoder, pooling, max_length, num_threads)
+        self.args = (encoder, pooling, max_length, num_threads, cpu_bf16)
         self.batch_size = batch_size
         self.encoder = None
 
     def _embed(self, table: pa.Table) -> pa.Table:
         if self.encoder is None:
-            name, pooling, max_length, threads = self.args
-            self.encoder = Encoder(name, pooling, max_length, num_threads=threads)
+            name, pooling, max_length, threads, cpu_bf16 = self.args
+            self.encoder = Encoder(name, pooling, max_length, num_threads=threads, cpu_bf16=cpu_bf16)
         texts = [format_passage(t, x) for t, x in zip(table.column("title").to_pylist(), table.column("text").to_pylist())]
         vecs = self.encoder.encode(texts, self.batch_size)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
@@ -192,7 +196,8 @@ def embed_passages(passages_path: str, embeddings_path: str, cfg: DenseConfig, r
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
         fn_constructor_kwargs={"out_dir": embeddings_path, "encoder": cfg.encoder, "pooling": cfg.pooling,
                                "max_length": cfg.max_length, "batch_size": cfg.batch_size,
-                               "num_threads": max(1, int(cfg.num_cpus_per_actor)), "journal": cfg.embed_journal})
+                               "num_threads": max(1, int(cfg.num_cpus_per_actor)), "journal": cfg.embed_journal,
+                               "cpu_bf16": cfg.cpu_bf16})
     res = ds.to_pandas()  # one small row per block
     keep = {f"part-{k}.parquet" for k in res["key"]}
     for f in io.list_files(embeddings_path, suffixes=(".parquet",)):
