@@ -253,6 +253,27 @@ def train_storage(path: str) -> tuple[str, Optional[pafs.FileSystem]]:
     return inner, fs
 
 
+def tree_digest(path: str | None) -> str | None:
+    """Content digest of a file or directory tree (local or URI), independent of file order and of
+    the random part names Ray Data gives written files; None for a hub name or a missing path."""
+    if not path or not exists(path):
+        return None
+    fs, root = resolve(path)
+    info = fs.get_file_info(root)
+    files = [info] if info.type == pafs.FileType.File else \
+        [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
+    digests = []
+    for f in files:
+        if f.base_name.startswith((".", "_")):
+            continue  # hidden files and writer metadata (_SUCCESS, _common_metadata) are not content
+        h = hashlib.sha256()
+        with fs.open_input_stream(f.path) as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        digests.append(h.hexdigest())
+    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:16]
+
+
 def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
     """A parquet file or a directory of parquet files (e.g. written by Ray Data)."""
     fs, p = resolve(path)

@@ -142,3 +142,49 @@ def test_bf16_encoder_stays_close_to_fp32(tiny_bert_dir):
     assert (np.sum(fp32 * bf16, axis=1) > 0.99).all()
     assert bf16_enc.autocast == cpu_has_native_bf16()
     assert (not np.array_equal(fp32, bf16)) == bf16_enc.autocast
+
+
+def test_changed_encoder_settings_or_files_reembed_every_passage(ray_session, shared_data, tmp_path, tiny_bert_dir):
+    """A resumed embedding reuses a block only when it was embedded as the config would embed it now: a changed
+    max_length, pooling, bf16 setting or encoder file embeds every passage again (and the stored vectors are the
+    new encoder's); the unchanged config embeds nothing."""
+    import dataclasses
+    import shutil
+
+    from kard_ray.knowledge.dense import Encoder, embed_passages
+    from kard_ray.knowledge.text import format_passage
+
+    rows = slice_passages(shared_data, limit=120)
+    passages, emb = str(tmp_path / "passages"), str(tmp_path / "embeddings")
+    _write_passages(rows, passages)
+    encoder = str(tmp_path / "encoder")
+    shutil.copytree(tiny_bert_dir, encoder)
+    cfg = DenseConfig(encoder=encoder, num_actors=1, num_cpus_per_actor=1.0, batch_size=40, embed_block_rows=40,
+                      max_length=64, embed_journal=False)
+    assert embed_passages(passages, emb, cfg, resume=True)["embedded"] == len(rows)
+    assert embed_passages(passages, emb, cfg, resume=True)["embedded"] == 0  # unchanged: every block reused
+
+    def stored_equal_fresh(c: DenseConfig) -> bool:
+        table = io.read_table(emb)
+        by_id = dict(zip(table.column("id").to_pylist(), table.column("embedding").to_pylist()))
+        fresh = Encoder(c.encoder, c.pooling, c.max_length, num_threads=1, cpu_bf16=c.cpu_bf16).encode(
+            [format_passage(r["title"], r["text"]) for r in rows[:5]])
+        return np.allclose(np.array([by_id[r["id"]] for r in rows[:5]]), fresh, atol=1e-5)
+
+    for change in ({"max_length": 16}, {"pooling": "cls"}, {"cpu_bf16": True}):
+        changed = dataclasses.replace(cfg, **change)
+        stats = embed_passages(passages, emb, changed, resume=True)
+        assert stats["embedded"] == len(rows) and stats["skipped_blocks"] == 0, change
+        assert stored_equal_fresh(changed), change
+        assert embed_passages(passages, emb, cfg, resume=True)["embedded"] == len(rows)  # and back
+    # the same name, other weights: the encoder directory's files are part of the identity
+    import torch
+
+    from kard_ray.models import load_encoder
+
+    model = load_encoder(encoder)
+    with torch.no_grad():
+        model.embeddings.word_embeddings.weight.mul_(2.0)
+    model.save_pretrained(encoder)
+    assert embed_passages(passages, emb, cfg, resume=True)["embedded"] == len(rows)
+    assert stored_equal_fresh(cfg)

@@ -27,6 +27,7 @@ import pyarrow as pa
 
 from kard_ray import io
 from kard_ray.config import DenseConfig
+from kard_ray.console import say
 from kard_ray.knowledge.store import local_dir, publish_dir
 from kard_ray.knowledge.text import format_passage
 
@@ -169,12 +170,41 @@ def plan_embed_blocks(passages_path: str, block_rows: int) -> list[dict]:
     return blocks
 
 
+EMBEDDER_FILE = "_embedder.json"  # beside the blocks: what embedded them (a resume reuses blocks only under the same)
+
+
+def embedder_identity(cfg: DenseConfig) -> dict:
+    """Everything that decides a passage's vector: the encoder (its name and, for a local, URI or packaged
+    model, a digest of its files), pooling, input length and bf16."""
+    from kard_ray.models import PACKAGED_MODELS, packaged_model_path
+
+    files = packaged_model_path(cfg.encoder) if cfg.encoder in PACKAGED_MODELS else cfg.encoder
+    return {"encoder": cfg.encoder, "encoder files": io.tree_digest(files), "pooling": cfg.pooling,
+            "max_length": cfg.max_length, "cpu_bf16": cfg.cpu_bf16}
+
+
+def _open_embeddings(embeddings_path: str, cfg: DenseConfig, resume: bool) -> None:
+    """Start the embeddings directory afresh unless resuming blocks embedded exactly as `cfg` would embed them."""
+    identity = embedder_identity(cfg)
+    meta = io.join(embeddings_path, EMBEDDER_FILE)
+    if io.exists(embeddings_path):
+        same = resume and io.exists(meta) and io.read_json(meta) == identity
+        if resume and not same:
+            say(f"[index] dense: {io.display(embeddings_path)} holds vectors of other encoder settings (or of "
+                "unrecorded ones); embedding every passage again")
+        if not same:
+            io.remove(embeddings_path)
+    io.makedirs(embeddings_path)
+    io.write_json(meta, identity)
+
+
 def embed_passages(passages_path: str, embeddings_path: str, cfg: DenseConfig, resume: bool = False) -> dict:
     """Embed every passage on an actor pool of `cfg.num_actors` encoders -> parquet (id, embedding),
     one file per block of `cfg.embed_block_rows` passages.
 
     Resumable: a block whose file exists (keyed by its passage ids) is not embedded again, so a run
-    killed mid-way continues where it stopped (`resume=True`; `build_indexes` passes
+    killed mid-way continues where it stopped — only while the encoder settings are the same
+    (`embedder_identity`, recorded in `_embedder.json`; any change embeds every passage again) (`resume=True`; `build_indexes` passes
     `knowledge.dense.resume_embedding`); files of blocks no longer in the corpus are removed. `resume=False`
     (the default: benchmarks time a full embed) starts from scratch. Returns {embed_s, blocks, embedded, skipped_blocks, passages}.
     """
@@ -183,9 +213,7 @@ def embed_passages(passages_path: str, embeddings_path: str, cfg: DenseConfig, r
     if cfg.encoder is None:
         raise ValueError("knowledge.dense.encoder is not set: name an HF encoder or a local model directory")
     t0 = time.perf_counter()
-    if io.exists(embeddings_path) and not resume:
-        io.remove(embeddings_path)
-    io.makedirs(embeddings_path)
+    _open_embeddings(embeddings_path, cfg, resume)
     blocks = plan_embed_blocks(passages_path, cfg.embed_block_rows)
     if not blocks:
         raise ValueError(f"{passages_path}: no passages to embed")

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from kard_ray import io
+from kard_ray.io import tree_digest  # noqa: F401  (re-exported: the trainers digest their examples)
 from kard_ray.config import TrainingConfig
 from kard_ray.training.engines import make_engine
 from kard_ray.console import say
@@ -112,29 +113,6 @@ def make_plan(cfg: TrainingConfig, n_rows: int, model_config: dict | None = None
 # Training keys that cannot change the weights (how often to log or checkpoint, how many to keep,
 # how often to retry). Every other key of the training section is part of the fingerprint.
 NOT_WEIGHT_KEYS = ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_failures")
-
-
-def tree_digest(path: str | None) -> str | None:
-    """Content digest of a file or directory tree (local or URI), independent of file order and of
-    the random part names Ray Data gives written files; None for a hub name or a missing path."""
-    if not path or not io.exists(path):
-        return None
-    fs, root = io.resolve(path)
-    import pyarrow.fs as pafs
-
-    info = fs.get_file_info(root)
-    files = [info] if info.type == pafs.FileType.File else \
-        [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
-    digests = []
-    for f in files:
-        if f.base_name.startswith((".", "_")):
-            continue  # hidden files and writer metadata (_SUCCESS, _common_metadata) are not content
-        h = hashlib.sha256()
-        with fs.open_input_stream(f.path) as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        digests.append(h.hexdigest())
-    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()[:16]
 
 
 def weight_inputs(cfg: TrainingConfig, model_config: dict, seed: int, n_rows: int,
