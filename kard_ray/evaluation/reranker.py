@@ -173,7 +173,8 @@ def evaluate_reranker(cfg: KardConfig, run: RunDir, model_dir: str) -> dict:
         EvalCandidates, batch_format="pyarrow", batch_size=kc.retrieval_batch_size,
         compute=ray.data.ActorPoolStrategy(size=kc.retrieval_actors), num_cpus=kc.num_cpus_per_retrieval_actor,
         fn_constructor_kwargs={"run_dir": run.root, "cfg": kc, "k_star": rc.k_star, "zero_shot": zero_shot})
-    ds = rerank_dataset(ds, model_dir, cfg, k=rc.k_star)
+    # the candidates come out of retrieval in few large blocks: split them so every reranking actor gets work
+    ds = rerank_dataset(ds.repartition(4 * rc.num_actors), model_dir, cfg, k=rc.k_star)
     orders = {"bm25": "retrieved_ids", "reranker": "passage_ids"}
     if zero_shot:
         orders.update({"dense": "dense_ids", "hybrid": "hybrid_ids"})
