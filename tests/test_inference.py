@@ -133,3 +133,21 @@ def test_truncation_is_flagged_and_the_token_limit_comes_from_the_training_targe
     warning = truncation_warning("kard_bm25", m, 40)
     assert warning and "2/20" in warning and "eval.max_new_tokens=40" in warning
     assert truncation_warning("kard_bm25", dict(m, truncated=1), 40) is None
+
+
+@pytest.mark.parametrize("n", [1, 60, 100, 240, 300])
+def test_wilson_interval_holds_a_perfect_or_zero_score_and_the_chart_draws_it(n):
+    """At 100% (or 0%) the interval's bound must be the score itself: rounding once put it a hair inside
+    (0.9999999999999999 for n=100), the chart's error bar went negative and a run that scored 100% failed."""
+    from kard_ray.evaluation.evaluate import bar_chart, wilson_interval
+
+    lo, hi = wilson_interval(n, n)
+    assert lo < 1.0 and hi == 1.0
+    lo, hi = wilson_interval(0, n)
+    assert lo == 0.0 and hi > 0.0
+    for c in range(0, n + 1, max(1, n // 7)):
+        lo, hi = wilson_interval(c, n)
+        assert 0.0 <= lo <= c / n <= hi <= 1.0
+    methods = {m: {"accuracy": a, "ci95": list(wilson_interval(round(a * n), n))}
+               for m, a in (("ft", 0.0), ("kard_reranker", 1.0))}
+    assert bar_chart({"methods": methods})[:4] == b"\x89PNG"

@@ -32,7 +32,9 @@ def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # the interval always holds p: at p = 1 (or 0) rounding put the bound a hair inside it (0.9999999999999999),
+    # which made the chart's error bar negative and failed the evaluation stage of a run that scored 100%
+    return min(p, max(0.0, centre - half)), max(p, min(1.0, centre + half))
 
 
 class PredictBatch:
