@@ -514,3 +514,42 @@ def test_minilm_cross_encoder_with_lora_on_two_deepspeed_workers_exports_merged(
     assert moved and all(k.endswith(("query.weight", "value.weight")) for k in moved), sorted(moved)[:4]
     assert {"classifier.weight", "classifier.bias"} <= trained.keys()
     check_rerank_dataset_matches_online(synth, model_dir)
+
+
+@pytest.mark.timeout(300)
+def test_report_adds_zero_shot_dense_and_hybrid_orders_of_the_same_candidates(synth):
+    """With a dense encoder set, the Hits@k report also ranks each question's candidates by the encoder's cosine
+    and by reciprocal-rank fusion of that with retrieval order; both recomputed here from their definitions."""
+    from kard_ray.evaluation.reranker import hits_at
+    from kard_ray.inference.formats import question_query
+    from kard_ray.knowledge import Retriever, format_passage
+    from kard_ray.knowledge.dense import Encoder, embed_passages
+
+    ensure_examples(synth)
+    cfg = with_reranker(synth.cfg, num_workers=0, max_steps=2, log_every_steps=1)
+    cfg = dataclasses.replace(cfg, knowledge=dataclasses.replace(
+        cfg.knowledge, dense=dataclasses.replace(cfg.knowledge.dense, encoder=synth.init, max_length=64, num_actors=1)))
+    embed_passages(synth.run.passages, synth.run.embeddings, cfg.knowledge.dense, resume=True)
+    model_dir = train_reranker(cfg, synth.run, synth.init, resume=False)["model_dir"]
+    metrics = evaluate_reranker(cfg, synth.run, model_dir)
+    assert {"bm25", "dense", "hybrid", "reranker"} <= metrics.keys() and "dense" in metrics["orders"]
+
+    retriever = Retriever.from_run_dir(synth.run.root, cfg.knowledge)
+    enc = Encoder(synth.init, "mean", 64, num_threads=1)
+    rationale = {r["question_id"]: r["text"] for r in synth.task.test_rationales}
+    gold, dense, hybrid = [], [], []
+    for q in synth.task.test_questions:
+        ids, scores = retriever.bm25.search([rationale[q["id"]]], 1)
+        gold.append(ids[0][0] if scores[0][0] > 0 else None)
+        query = question_query(q["question"], q["options"])
+        hits = retriever.search([query], synth.cfg.reranker.k_star)[0]
+        cos = enc.encode([format_passage(h["title"], h["text"]) for h in hits]) @ enc.encode([query])[0]
+        d_order = np.argsort(-cos, kind="stable")
+        dense.append([hits[i]["id"] for i in d_order])
+        d_rank = np.empty(len(hits), int)
+        d_rank[d_order] = np.arange(1, len(hits) + 1)
+        fused = [1 / (60 + i + 1) + 1 / (60 + d_rank[i]) for i in range(len(hits))]
+        hybrid.append([hits[i]["id"] for i in np.argsort(-np.array(fused), kind="stable")])
+    for name, lists in (("dense", dense), ("hybrid", hybrid)):
+        expect = hits_at(lists, gold)
+        assert metrics[name] == pytest.approx(expect, abs=1.5 / len(gold)), name  # a near-tie cosine may swap

@@ -93,7 +93,8 @@ class ZeroShotDense:
         run = RunDir(run_dir)
         table = io.read_table(run.embeddings, columns=["id", "embedding"])
         self.row = {pid: i for i, pid in enumerate(table.column("id").to_pylist())}
-        self.vectors = np.asarray(table.column("embedding").to_pylist(), dtype=np.float32)
+        col = table.column("embedding").combine_chunks()
+        self.vectors = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
         self.encoder = Encoder(cfg.dense.encoder, cfg.dense.pooling, cfg.dense.max_length, num_threads=1,
                                cpu_bf16=cfg.dense.cpu_bf16)
         self.batch_size, self.rrf_k = cfg.dense.batch_size, cfg.rrf_k
