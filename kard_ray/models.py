@@ -103,13 +103,17 @@ def packaged_model_path(name: str) -> str:
     return str(mod.get_model_path())
 
 
+def unpackaged(name_or_path: str) -> str:
+    """A packaged model's directory for its config value (`minilm`); any other name or path as it is."""
+    return packaged_model_path(name_or_path) if name_or_path in PACKAGED_MODELS else name_or_path
+
+
 def model_path(name_or_path: str) -> str:
     """What `from_pretrained` is given for a config value: a packaged model's directory, a URI's cached
     local copy (s3://run/models/x), else the hub id or local path as it is."""
     from kard_ray import io
 
-    if name_or_path in PACKAGED_MODELS:
-        return packaged_model_path(name_or_path)
+    name_or_path = unpackaged(name_or_path)
     return io.local_copy(name_or_path) if io.is_uri(name_or_path) else name_or_path
 
 

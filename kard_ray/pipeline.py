@@ -209,10 +209,9 @@ def resolve_model(name: str, tiny_cfg, run: io.RunDir, kind: str, seed: int, pro
     the seed, or the text its tokenizer is fitted on (`kard_tiny.json` records a digest of all four) —
     so a changed `student.tiny.vocab_size` never trains on the old vocabulary."""
     if name != "tiny":
-        from kard_ray.models import PACKAGED_MODELS, packaged_model_path
+        from kard_ray.models import unpackaged
 
-        # a packaged model as its directory: its files are then part of the weight fingerprint
-        return packaged_model_path(name) if name in PACKAGED_MODELS else name
+        return unpackaged(name)  # a packaged model as its directory: its files join the weight fingerprint
     import dataclasses
 
     from kard_ray.models import save_tiny_model

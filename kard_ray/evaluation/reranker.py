@@ -95,8 +95,7 @@ class ZeroShotDense:
         self.row = {pid: i for i, pid in enumerate(table.column("id").to_pylist())}
         col = table.column("embedding").combine_chunks()
         self.vectors = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
-        self.encoder = Encoder(cfg.dense.encoder, cfg.dense.pooling, cfg.dense.max_length, num_threads=1,
-                               cpu_bf16=cfg.dense.cpu_bf16)
+        self.encoder = Encoder.from_config(cfg.dense, num_threads=1)
         self.batch_size, self.rrf_k = cfg.dense.batch_size, cfg.rrf_k
 
     def orders(self, queries: list[str], candidates: list[list[str]]) -> tuple[list[list[str]], list[list[str]]]:

@@ -64,6 +64,11 @@ class Encoder:
         # bf16 autocast on a CPU with native bf16 (`knowledge.dense.cpu_bf16`); vectors are normalised in fp32
         self.autocast = bool(cpu_bf16) and self.device == "cpu" and cpu_has_native_bf16()
 
+    @classmethod
+    def from_config(cls, cfg: DenseConfig, num_threads: int | None = None) -> "Encoder":
+        """The encoder `cfg` describes: passages and queries are embedded through this one constructor alike."""
+        return cls(cfg.encoder, cfg.pooling, cfg.max_length, num_threads=num_threads, cpu_bf16=cfg.cpu_bf16)
+
     def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
         import torch
 
@@ -119,17 +124,15 @@ class EmbedBlocks:
     `part-{key}.parquet` already exists (a finished block of an earlier, killed run), else embeds it and
     publishes that file atomically. The encoder is loaded once per actor, and only when needed."""
 
-    def __init__(self, out_dir: str, encoder: str, pooling: str, max_length: int, batch_size: int,
-                 num_threads: int, journal: bool, cpu_bf16: bool = False):
-        self.out_dir, self.journal = out_dir, journal
-        self.args = (encoder, pooling, max_length, num_threads, cpu_bf16)
-        self.batch_size = batch_size
+    def __init__(self, out_dir: str, cfg: DenseConfig, num_threads: int):
+        self.out_dir, self.journal = out_dir, cfg.embed_journal
+        self.cfg, self.num_threads = cfg, num_threads
+        self.batch_size = cfg.batch_size
         self.encoder = None
 
     def _embed(self, table: pa.Table) -> pa.Table:
         if self.encoder is None:
-            name, pooling, max_length, threads, cpu_bf16 = self.args
-            self.encoder = Encoder(name, pooling, max_length, num_threads=threads, cpu_bf16=cpu_bf16)
+            self.encoder = Encoder.from_config(self.cfg, self.num_threads)
         texts = [format_passage(t, x) for t, x in zip(table.column("title").to_pylist(), table.column("text").to_pylist())]
         vecs = self.encoder.encode(texts, self.batch_size)
         emb = pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), vecs.shape[1])
@@ -176,10 +179,9 @@ EMBEDDER_FILE = "_embedder.json"  # beside the blocks: what embedded them (a res
 def embedder_identity(cfg: DenseConfig) -> dict:
     """Everything that decides a passage's vector: the encoder (its name and, for a local, URI or packaged
     model, a digest of its files), pooling, input length and bf16."""
-    from kard_ray.models import PACKAGED_MODELS, packaged_model_path
+    from kard_ray.models import unpackaged
 
-    files = packaged_model_path(cfg.encoder) if cfg.encoder in PACKAGED_MODELS else cfg.encoder
-    return {"encoder": cfg.encoder, "encoder files": io.tree_digest(files), "pooling": cfg.pooling,
+    return {"encoder": cfg.encoder, "encoder files": io.tree_digest(unpackaged(cfg.encoder)), "pooling": cfg.pooling,
             "max_length": cfg.max_length, "cpu_bf16": cfg.cpu_bf16}
 
 
@@ -222,10 +224,7 @@ def embed_passages(passages_path: str, embeddings_path: str, cfg: DenseConfig, r
         EmbedBlocks, batch_format="numpy", batch_size=1,
         compute=ray.data.ActorPoolStrategy(size=cfg.num_actors),
         num_cpus=cfg.num_cpus_per_actor, num_gpus=cfg.num_gpus_per_actor or None,
-        fn_constructor_kwargs={"out_dir": embeddings_path, "encoder": cfg.encoder, "pooling": cfg.pooling,
-                               "max_length": cfg.max_length, "batch_size": cfg.batch_size,
-                               "num_threads": max(1, int(cfg.num_cpus_per_actor)), "journal": cfg.embed_journal,
-                               "cpu_bf16": cfg.cpu_bf16})
+        fn_constructor_kwargs={"out_dir": embeddings_path, "cfg": cfg, "num_threads": max(1, int(cfg.num_cpus_per_actor))})
     res = ds.to_pandas()  # one small row per block
     keep = {f"part-{k}.parquet" for k in res["key"]}
     for f in io.list_files(embeddings_path, suffixes=(".parquet",)):

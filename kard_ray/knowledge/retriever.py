@@ -66,8 +66,7 @@ class Retriever:
             from kard_ray.knowledge.dense import DenseIndex, Encoder
 
             dense = DenseIndex.load(run.faiss_index, cfg.dense)
-            encoder = Encoder(cfg.dense.encoder, cfg.dense.pooling, cfg.dense.max_length, num_threads=num_threads,
-                              cpu_bf16=cfg.dense.cpu_bf16)
+            encoder = Encoder.from_config(cfg.dense, num_threads)
         return cls(bm25, cfg, dense, encoder)
 
     def __len__(self) -> int:
