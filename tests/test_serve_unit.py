@@ -509,3 +509,18 @@ def test_proxy_turns_serves_plain_text_refusals_into_json():
     assert chat.status_code == 503 and chat.json()["error"]["code"] == "overloaded"  # OpenAI's envelope
     assert (ok.status_code, ok.text) == (200, "fine")
     assert [m.cls for m in middlewares()] == [JsonRejections]
+
+
+def test_hey_csv_rows_give_codes_rates_and_the_most_answered_requests_in_flight():
+    from kard_ray.serve.load import parse_hey_csv
+
+    header = "response-time,DNS+dialup,DNS,Request-write,Response-delay,Response-read,status-code,offset\n"
+    rows = [  # (latency, status, sent at): three 200s overlap during [0.5, 1.0); the 503s do not count
+        (1.0, 200, 0.0), (1.0, 200, 0.5), (0.5, 200, 0.5), (0.1, 503, 0.6), (0.1, 503, 0.6), (0.5, 200, 1.0),
+        (0.2, 200, 2.0)]
+    text = header + "".join(f"{t},0,0,0,{t},0,{s},{o}\n" for t, s, o in rows) + "not,a,row,,,,,\n"
+    r = parse_hey_csv(text, concurrency=4, requested=8)
+    assert r.codes == {200: 5, 503: 2} and r.failed == 1  # the unreadable row is a request without an answer
+    assert r.wall_s == pytest.approx(2.2) and r.ok_rps == pytest.approx(5 / 2.2)
+    assert r.max_in_flight(200) == 3  # at 1.0 one ends as another starts: still 3, not 4
+    assert r.max_in_flight(503) == 2

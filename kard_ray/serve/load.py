@@ -32,6 +32,7 @@ class LoadResult:
     requested: int
     statuses: list[int] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)  # seconds, one per answered request
+    offsets: list[float] = field(default_factory=list)  # when each answered request was sent, s from the start
     wall_s: float = 0.0
 
     @property
@@ -45,6 +46,18 @@ class LoadResult:
 
     def ok_latencies(self) -> list[float]:
         return [t for t, s in zip(self.latencies, self.statuses) if s == 200]
+
+    def max_in_flight(self, status: int = 200) -> int:
+        """The most requests answered `status` that were in flight at one moment (client-side: from
+        sending to the answer read). A bounded queue caps this for the 200s; an unbounded one lets every
+        closed-loop worker hold a request that is eventually answered."""
+        events = sorted((t, d) for o, lat, s in zip(self.offsets, self.latencies, self.statuses) if s == status
+                        for t, d in ((o, 1), (o + lat, -1)))  # at equal times the end (-1) sorts first
+        most = now = 0
+        for _, d in events:
+            now += d
+            most = max(most, now)
+        return most
 
     @property
     def ok_rps(self) -> float:
@@ -74,6 +87,7 @@ def parse_hey_csv(text: str, concurrency: int, requested: int) -> LoadResult:
             continue
         out.latencies.append(t)
         out.statuses.append(status)
+        out.offsets.append(offset)
         end = max(end, offset + t)
     out.wall_s = end
     return out
