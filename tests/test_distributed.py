@@ -32,7 +32,7 @@ from kard_ray import io
 REPO = Path(__file__).resolve().parents[1]
 
 # The spare node is up before the job starts, so the kill comes right after the first checkpoint (+10 steps).
-MAX_STEPS, CKPT_EVERY, LOG_EVERY = 120, 30, 5
+MAX_STEPS, CKPT_EVERY, LOG_EVERY = 600, 150, 10
 
 
 def _s3_files(uri: str) -> list[str]:

@@ -134,7 +134,8 @@ def test_demo_student_tokenizer_knows_the_prompt_template(demo_run):
 
 @pytest.mark.slow
 @pytest.mark.timeout(3000)  # includes building the shared demo run when this test runs alone
-def test_rerun_skips_finished_stages_and_lr_change_reruns_student_onward(demo_run, capsys, tmp_path, monkeypatch):
+def test_rerun_of_the_demo_skips_every_finished_stage(demo_run, capsys, tmp_path, monkeypatch):
+    """(What a changed setting reruns, and only that, is test_retrain's, on a tiny run.)"""
     import shutil
 
     from kard_ray import pipeline
@@ -142,8 +143,7 @@ def test_rerun_skips_finished_stages_and_lr_change_reruns_student_onward(demo_ru
 
     cfg0, first = demo_run
     # Work on a copy: the Serve tests use the original run as it is. A *relative* run_dir, as the demo's
-    # default `runs/demo` is: the retrained student's Ray Train worker runs in another directory and must
-    # still find the run's files.
+    # default `runs/demo` is.
     shutil.copytree(cfg0.run_dir, tmp_path / "run")
     monkeypatch.chdir(tmp_path)
     cfg = load_config(str(REPO / "configs/demo.yaml"), DEMO_TEST_OVERRIDES + ["run_dir=run"])
@@ -152,19 +152,6 @@ def test_rerun_skips_finished_stages_and_lr_change_reruns_student_onward(demo_ru
     for stage in first["stages"]:
         assert f"{stage:10s} skipped" in out, out
         assert again["stages"][stage]["finished"] == first["stages"][stage]["finished"]
-
-    # student.lr changes the student and evaluation; nothing before them runs again.
-    cfg2 = load_config(str(REPO / "configs/demo.yaml"), DEMO_TEST_OVERRIDES + ["run_dir=run", "student.lr=2e-3",
-                                                                                "student.max_steps=5",
-                                                                                "student.ft_max_steps=5"])
-    third = pipeline.run(cfg2)
-    out = capsys.readouterr().out
-    for stage in ("questions", "knowledge", "teacher", "examples", "reranker"):
-        assert f"{stage:10s} skipped" in out
-        assert third["stages"][stage]["finished"] == first["stages"][stage]["finished"]
-    for stage in ("student", "evaluate"):
-        assert f"{stage:10s} done" in out
-        assert third["stages"][stage]["fingerprint"] != first["stages"][stage]["fingerprint"]
 
 
 @pytest.mark.timeout(300)

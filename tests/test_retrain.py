@@ -39,8 +39,11 @@ def distill(run_dir: str, *argv: str) -> None:
 
 
 @pytest.mark.timeout(1800)
-def test_a_rerun_retrains_what_changed_and_only_that(ray_session, tmp_path, capsys):
-    run = io.RunDir(str(tmp_path / "run"))
+def test_a_rerun_retrains_what_changed_and_only_that(ray_session, tmp_path, capsys, monkeypatch):
+    # A *relative* run_dir, as the demo's default `runs/demo` is: the retrained models' Ray Train workers
+    # run in other directories and must still find the run's files.
+    monkeypatch.chdir(tmp_path)
+    run = io.RunDir("run")
     distill(run.root)
     reranker0, student0 = weights(run.model("reranker")), weights(run.model("student_kard"))
     capsys.readouterr()
@@ -50,6 +53,16 @@ def test_a_rerun_retrains_what_changed_and_only_that(ray_session, tmp_path, caps
     out = capsys.readouterr().out
     assert out.count(" skipped (finished") == 8, out
     assert not differ(weights(run.model("reranker")), reranker0)
+
+    # a student setting changed, no --only: the student and evaluation run again, nothing before them
+    distill(run.root, "student.lr=2e-3")
+    out = capsys.readouterr().out
+    for stage in ("questions", "knowledge", "teacher", "examples", "mine", "reranker"):
+        assert f"{stage:10s} skipped" in out, out
+    for stage in ("student", "evaluate"):
+        assert f"{stage:10s} done" in out, out
+    assert "[student_kard] config changed (" in out and "train.lr 0.0015 -> 0.002" in out, out
+    assert differ(weights(run.model("student_kard")), student0)
 
     # an ablation of the reranker's loss retrains it (the old final checkpoint is not exported again)
     distill(run.root, "--only", "reranker", "reranker.loss=ce")
