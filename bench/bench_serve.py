@@ -151,7 +151,7 @@ def free_port() -> int:
 LOAD_LEVELS = ((1, 100), (8, 160), (32, 640), (128, 2560))  # (concurrency, requests): the issue's table
 
 
-def load_table(rep, run_dir: str, levels=LOAD_LEVELS) -> dict:
+def load_table(rep, run_dir: str, levels=LOAD_LEVELS, overrides=()) -> dict:
     """`kard-ray serve <run_dir>` under `hey` (one valid /v1/answer body, bounded request counts), one
     row per concurrency: requests/s, p50 and p99 of the 200s, status codes; then the overload checks."""
     import httpx
@@ -163,7 +163,7 @@ def load_table(rep, run_dir: str, levels=LOAD_LEVELS) -> dict:
     from ray import serve
 
     port = free_port()
-    cfg = load_run_config(run_dir, [f"serve.port={port}"])
+    cfg = load_run_config(run_dir, [f"serve.port={port}", *overrides])
     q = io.read_table(io.RunDir(cfg.run_dir).questions("test")).to_pylist()[0]
     body = {"question": q["question"], "options": list(q["options"])}
     url = f"http://127.0.0.1:{port}/v1/answer"
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
             p.error("--load-only needs --load-run RUN_DIR")
         started = common.ray_init()
         try:
-            checks = load_table(rep, args.load_run)
+            checks = load_table(rep, args.load_run, overrides=args.overrides)
         finally:
             if started:
                 import ray
@@ -261,7 +261,10 @@ def main(argv: list[str] | None = None) -> dict:
         "data.dataset=strategyqa", f"data.train_path={data / 'train.jsonl'}", f"run_dir={root}",
         f"student.max_source_length={args.max_source}", f"eval.max_new_tokens={args.max_new_tokens}", "eval.k=1",
         "eval.decoding=greedy", f"reranker.k_star={args.candidates}", f"serve.port={port}", "serve.max_batch_size=8",
-        "serve.batch_wait_timeout_s=0.01", "serve.request_timeout_s=120", *args.overrides])
+        "serve.batch_wait_timeout_s=0.01", "serve.request_timeout_s=120",
+        # Unbounded like the in-process side's queue: this compares per-request overhead at each concurrency
+        # (c=32 is past the default capacity of 8 + 16 waiting); overload is --load-run's table.
+        "serve.ingress.max_queued_requests=-1", *args.overrides])
     if args.overrides:
         rep.fig("config overrides", " ".join(args.overrides))
     rep.fig("graph", "Retriever (BM25) -> Reranker (tiny cross-encoder) -> Generator (tiny T5, @serve.batch 8)")

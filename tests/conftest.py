@@ -115,7 +115,7 @@ def tiny_bert_dir(tmp_path_factory, synthetic_task, tiny_cfg) -> str:
 DEMO_TEST_OVERRIDES = [
     "methods=[ft,rd,kard_bm25,kard_reranker]",
     "data.synthetic.n_test_entities=25",
-    "student.max_steps=1500",
+    "student.max_steps=1200",  # 1,500 in configs/demo.yaml; at 1,200 the margins hold (README: the test-size table)
     "student.checkpoint_every_steps=0",
     "reranker.max_steps=100",
     "eval.oracle=false",
