@@ -282,6 +282,7 @@ def test_bounded_concurrent_load_has_no_5xx(tiny_run, served, client):
     n, concurrency = 200, 16
     latencies: list[float] = []
     statuses: list[int] = []
+    refusals: list[str] = []
 
     async def load() -> float:
         sem = asyncio.Semaphore(concurrency)
@@ -294,6 +295,8 @@ def test_bounded_concurrent_load_has_no_5xx(tiny_run, served, client):
                     r = await ac.post("/v1/answer", json={"question": q["question"], "options": list(q["options"])})
                     latencies.append(time.perf_counter() - t0)
                     statuses.append(r.status_code)
+                    if r.status_code != 200:
+                        refusals.append(r.text[:300])
 
             t0 = time.perf_counter()
             await asyncio.gather(*(one(i) for i in range(n)))
@@ -308,7 +311,7 @@ def test_bounded_concurrent_load_has_no_5xx(tiny_run, served, client):
           f"{n / elapsed:.1f} requests/s; generator batches {batches} (mean {n / max(batches, 1):.2f} requests/batch); "
           f"statuses {dict(zip(*np.unique(statuses, return_counts=True)))}")
     assert len(statuses) == n
-    assert not [s for s in statuses if s >= 500]
+    assert not [s for s in statuses if s >= 500], refusals[:3]
     assert all(s == 200 for s in statuses)
     assert batches < n  # concurrent requests shared generate() calls (@serve.batch)
 
@@ -502,7 +505,8 @@ def test_overload_is_answered_503_at_once_and_the_queue_stays_bounded(tiny_run, 
                 if r.status_code != 200:
                     refused.append(r)
         over = flood.result()
-    print(f"\n[serve overload] c=8: {peak.row()}\n[serve overload] c=128: {over.row()}")
+    print(f"\n[serve overload] c=8: {peak.row()}\n[serve overload] c=128: {over.row()}, "
+          f"200s in flight: {over.mean_in_flight(200):.1f} on average, {over.max_in_flight(200)} at most")
     # at the peak concurrency (nearly) everything is answered; Serve may refuse a few of a burst of arrivals
     assert peak.failed == 0 and set(peak.codes) <= {200, 503} and peak.codes.get(200, 0) >= 0.95 * len(peak.statuses)
     # every request got an HTTP answer; every non-200 is a 503, and there were some (it was overloaded)
@@ -511,13 +515,13 @@ def test_overload_is_answered_503_at_once_and_the_queue_stays_bounded(tiny_run, 
     for r in refused:
         assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, (r.status_code, r.headers, r.text)
         assert r.json()["error"] == "overloaded" and r.json()["request_id"] == r.headers["x-request-id"]
-    # The queue is bounded: far fewer 200s in flight at once than the 128 clients, all of which an unbounded
-    # queue keeps waiting for an eventual 200. Counted from the client (hey's send time and latency), a 200 is
-    # in flight longer than the service holds it: it may wait unread in the proxy's socket buffer while the
-    # proxy answers refusals (measured in a full suite: 51 in flight against 24 admitted = the Ingress's
-    # max_ongoing_requests per replica + max_queued_requests). That excess is the admission rate times the
-    # wait, both of which scale with the CPU the proxy gets, so it holds on a slower machine; 4x is the bound.
-    # (hey c=128 against the test-size demo run, 2026-12-06: 33 in flight bounded, 129 with max_queued_requests=-1.)
+    # The queue is bounded: far fewer 200s in flight than the 128 clients, all of which an unbounded queue
+    # keeps waiting for an eventual 200. Counted from the client (hey's send times and latencies, Little's law:
+    # their summed latencies over the wall time), a 200 is in flight longer than the service holds it: it may
+    # wait unread in the proxy's socket buffer while the proxy answers refusals. The maximum at one moment
+    # measured 51 against 24 admitted in a full suite (the Ingress's max_ongoing_requests per replica +
+    # max_queued_requests), so the bound is on the mean, with room: hey c=128 against the test-size demo run,
+    # 2026-12-06: an unbounded queue (max_queued_requests=-1) kept all 128 in flight (most at once 129).
     # Throughput and p99 under overload against the peak are timed targets, bench/bench_serve.py
     # --load-run's (on this 2-core CI box, with the suite's other work, the ratio moved between 0.46x and 0.9x
     # from run to run with the same code).
@@ -525,7 +529,7 @@ def test_overload_is_answered_503_at_once_and_the_queue_stays_bounded(tiny_run, 
 
     ingress = deployment_options(served, "kard_bm25")["Ingress"]
     admitted = ingress["max_ongoing_requests"] * ingress["autoscaling_config"]["max_replicas"] + ingress["max_queued_requests"]
-    assert over.max_in_flight(200) <= 4 * admitted < 128, (over.max_in_flight(200), admitted)
+    assert admitted <= 0.5 * 128 and over.mean_in_flight(200) <= 0.5 * 128, (over.mean_in_flight(200), admitted)
     assert peak.max_in_flight(200) >= 6  # the measure sees concurrency where there is some (c=8)
     # the refusals are quick: a 503 is not a request that waited and then gave up
     fast = sorted(t for t, s in zip(over.latencies, over.statuses) if s == 503)

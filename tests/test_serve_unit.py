@@ -524,3 +524,4 @@ def test_hey_csv_rows_give_codes_rates_and_the_most_answered_requests_in_flight(
     assert r.wall_s == pytest.approx(2.2) and r.ok_rps == pytest.approx(5 / 2.2)
     assert r.max_in_flight(200) == 3  # at 1.0 one ends as another starts: still 3, not 4
     assert r.max_in_flight(503) == 2
+    assert r.mean_in_flight(200) == pytest.approx((1.0 + 1.0 + 0.5 + 0.5 + 0.2) / 2.2)

@@ -59,6 +59,12 @@ class LoadResult:
             most = max(most, now)
         return most
 
+    def mean_in_flight(self, status: int = 200) -> float:
+        """Requests answered `status` in flight on average over the run (Little's law: their summed
+        latencies over the wall time); steadier than the maximum, which one slow moment sets."""
+        busy = sum(lat for lat, s in zip(self.latencies, self.statuses) if s == status)
+        return busy / self.wall_s if self.wall_s > 0 else 0.0
+
     @property
     def ok_rps(self) -> float:
         """Answers with status 200 per second of wall time."""
