@@ -262,8 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"student.max_source_length={args.max_source}", f"eval.max_new_tokens={args.max_new_tokens}", "eval.k=1",
         "eval.decoding=greedy", f"reranker.k_star={args.candidates}", f"serve.port={port}", "serve.max_batch_size=8",
         "serve.batch_wait_timeout_s=0.01", "serve.request_timeout_s=120",
-        # Unbounded like the in-process side's queue: this compares per-request overhead at each concurrency
-        # (c=32 is past the default capacity of 8 + 16 waiting); overload is --load-run's table.
+        # Unbounded like the in-process side's queue: this compares per-request overhead at each concurrency,
+        # none of them refused (--concurrency may exceed the service's capacity); overload is --load-run's table.
         "serve.ingress.max_queued_requests=-1", *args.overrides])
     if args.overrides:
         rep.fig("config overrides", " ".join(args.overrides))

@@ -532,7 +532,7 @@ def test_overload_is_answered_503_at_once_and_the_queue_stays_bounded(tiny_run, 
     assert admitted <= 0.5 * 128 and over.mean_in_flight(200) <= 0.5 * 128, (over.mean_in_flight(200), admitted)
     assert peak.max_in_flight(200) >= 6  # the measure sees concurrency where there is some (c=8)
     # the refusals are quick: a 503 is not a request that waited and then gave up
-    fast = sorted(t for t, s in zip(over.latencies, over.statuses) if s == 503)
+    fast = sorted(over.latencies_of(503))
     assert fast[len(fast) // 2] < peak.ok_pct(50), (fast[len(fast) // 2], peak.ok_pct(50))
     # the metrics: ours per route and status in the Ingress, Serve's at the proxy (where refusals happen)
     assert _scrape(r'kard_http_requests.*route="/v1/answer".*status="200"')

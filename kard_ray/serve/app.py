@@ -64,15 +64,15 @@ def served_method(run_dir: str) -> str:
     return "kard_reranker" if io.exists(run.model(RERANKER)) else "kard_bm25"
 
 
-# The Ingress's bounds when the config leaves them null. The queue must absorb a burst of arrivals: Serve
-# counts a request as queued until the router has placed it, so a queue shorter than a burst refuses some of
-# it even with replicas free (with 1 waiting, c=8 saw 51 of 160 refused).
-# The service's capacity (serve.ingress null bounds): 32 requests in the graph per Ingress replica, 8 more waiting
-# at the HTTP proxy. Measured with hey against the test-size demo run on 2 cores (bench/bench_serve.py --load-only,
-# 2026-12-06): the old 8 + 16 peaked at 19.8 requests/s (c=8) and kept 11.4 at c=128, p99 5.96 s; 32 + 8, with
-# every downstream deployment taking what the Ingress admits, peaked at 32.3 (c=8, no refusal) and kept 28.4
-# (0.88x) at c=128, p99 2.73 s. More in the graph at once fills the generator's batches; fewer waiting in
-# Serve's routers (which keep re-asking replicas for room while a request waits) saves CPU.
+# The Ingress's bounds when the config leaves them null: the service's capacity, 32 requests in the graph
+# per Ingress replica + 16 waiting at the HTTP proxy. The queue must absorb a burst of arrivals: Serve counts a
+# request as queued until the router has placed it, so a queue shorter than a burst refuses some of it even
+# with replicas free (1 waiting: c=8 saw 51 of 160 refused; 8 waiting refused part of a 16-client burst).
+# Measured with hey against the test-size demo run on 2 cores (bench/bench_serve.py --load-run, 2026-12-06):
+# the earlier 8 + 16 gave 19.8 requests/s at c=8, 11.3 at c=32 and 11.4 at c=128 (p99 5.96 s); 32 + 16 with
+# every downstream deployment taking what the Ingress admits gave 23.3, 24.7 and 17.0 (p99 4.93 s). More in the
+# graph at once fills the generator's batches; fewer waiting in Serve's routers (which keep re-asking replicas
+# for room while a request waits) saves CPU.
 INGRESS_MAX_ONGOING, INGRESS_MAX_QUEUED = 32, 16
 
 
@@ -120,20 +120,21 @@ def _options(cfg: KardConfig, scale: AutoscalingConfig, *, num_gpus: float = 0.0
 def deployment_options(cfg: KardConfig, method: str) -> dict[str, dict]:
     """Options of each deployment, by name."""
     s = cfg.serve
+    # The Ingress only awaits the others: many requests in flight per replica cost it little.
+    # The Ingress's bound is the service's capacity: the requests the graph works on at once
+    # (max_ongoing_requests per replica) plus the few waiting at the proxy (max_queued_requests).
+    ingress = _options(cfg, s.ingress, ongoing=INGRESS_MAX_ONGOING, queued=INGRESS_MAX_QUEUED)
     # Downstream replicas take (by default) every request the Ingress admits, so a request waits inside a
     # replica (an asyncio wait for the model's lock or the next batch, free) rather than in the Ingress's
     # router for that deployment (which polls replicas for room while it waits).
-    admitted = (s.ingress.max_ongoing_requests or INGRESS_MAX_ONGOING) * s.ingress.max_replicas
+    admitted = ingress["max_ongoing_requests"] * s.ingress.max_replicas
     out = {
         "Retriever": _options(cfg, s.retriever, min_ongoing=admitted),
         "Reranker": _options(cfg, s.reranker, min_ongoing=admitted),
         # Room for two full batches per replica at least, so the next batch fills while one runs.
         "Generator": _options(cfg, s.generator, num_gpus=s.generator_num_gpus,
                               min_ongoing=max(2 * s.max_batch_size, admitted)),
-        # The Ingress only awaits the others: many requests in flight per replica cost it little.
-        # The Ingress's bound is the service's capacity: the requests the graph works on at once
-        # (max_ongoing_requests per replica) plus the few waiting at the proxy (max_queued_requests).
-        "Ingress": _options(cfg, s.ingress, ongoing=INGRESS_MAX_ONGOING, queued=INGRESS_MAX_QUEUED),
+        "Ingress": ingress,
     }
     if not METHODS[method].rerank:
         # Bound (so one Serve config fits every run) but never called: no replica unless a config asks for one.

@@ -44,8 +44,11 @@ class LoadResult:
         """Requests with no HTTP answer at all (connection refused/reset, client timeout)."""
         return self.requested - len(self.statuses)
 
+    def latencies_of(self, status: int) -> list[float]:
+        return [t for t, s in zip(self.latencies, self.statuses) if s == status]
+
     def ok_latencies(self) -> list[float]:
-        return [t for t, s in zip(self.latencies, self.statuses) if s == 200]
+        return self.latencies_of(200)
 
     def max_in_flight(self, status: int = 200) -> int:
         """The most requests answered `status` that were in flight at one moment (client-side: from
@@ -62,8 +65,7 @@ class LoadResult:
     def mean_in_flight(self, status: int = 200) -> float:
         """Requests answered `status` in flight on average over the run (Little's law: their summed
         latencies over the wall time); steadier than the maximum, which one slow moment sets."""
-        busy = sum(lat for lat, s in zip(self.latencies, self.statuses) if s == status)
-        return busy / self.wall_s if self.wall_s > 0 else 0.0
+        return sum(self.latencies_of(status)) / self.wall_s if self.wall_s > 0 else 0.0
 
     @property
     def ok_rps(self) -> float:
