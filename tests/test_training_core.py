@@ -26,8 +26,27 @@ def test_lr_schedules():
     lin = lr_lambda("linear", 10, 110)
     assert lin(0) == pytest.approx(0.1) and lin(9) == pytest.approx(1.0)
     assert lin(10) == pytest.approx(1.0) and lin(60) == pytest.approx(0.5) and lin(110) == 0.0
+    cos = lr_lambda("cosine", 10, 110)
+    assert cos(9) == pytest.approx(1.0) and cos(10) == pytest.approx(1.0)
+    assert cos(60) == pytest.approx(0.5) and cos(35) == pytest.approx(0.5 * (1 + 2 ** -0.5)) and cos(110) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="schedule"):
-        lr_lambda("cosine", 0, 10)(0)
+        lr_lambda("step", 0, 10)(0)
+
+
+def test_the_default_schedule_warms_up_on_a_share_of_the_steps_then_decays():
+    from kard_ray.training.optim import build_scheduler, warmup_steps
+
+    cfg = StudentConfig(lr=1e-3)  # defaults: cosine, warmup_ratio 0.05
+    assert (cfg.schedule, warmup_steps(cfg, 1000), warmup_steps(cfg, 10)) == ("cosine", 50, 1)
+    assert warmup_steps(StudentConfig(warmup_steps=7), 1000) == 7
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))], lr=cfg.lr)
+    sched, lrs = build_scheduler(opt, cfg, 1000), []
+    for _ in range(1000):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(1e-3 / 50) and max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 49
+    assert lrs[-1] < 1e-6 and all(a >= b for a, b in zip(lrs[49:], lrs[50:]))
 
 
 def test_plan_counts_full_micro_batches_per_rank():

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+import math
+
 import torch
 
 from kard_ray.config import TrainingConfig
@@ -37,8 +39,8 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainingConfig) -> torch.optim.
 def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[int], float]:
     """Multiplier of the peak lr after `step` optimizer steps.
 
-    constant: linear warmup (if any) then flat. linear: linear warmup then linear decay to 0 at
-    `total_steps`. Warmup starts at 1/warmup (never exactly 0, so step 1 already moves the weights).
+    constant: linear warmup (if any) then flat. linear / cosine: linear warmup then linear / cosine decay
+    to 0 at `total_steps`. Warmup starts at 1/warmup (never exactly 0, so step 1 already moves the weights).
     """
     total = max(int(total_steps), 1)
     warm = max(int(warmup_steps), 0)
@@ -50,10 +52,17 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int) -> Callable[[i
             return 1.0
         if schedule == "linear":
             return max(0.0, (total - step) / max(total - warm, 1))
-        raise ValueError(f"schedule: unknown {schedule!r} (expected 'constant' or 'linear')")
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warm) / max(total - warm, 1))))
+        raise ValueError(f"schedule: unknown {schedule!r} (expected 'constant', 'linear' or 'cosine')")
 
     return fn
 
 
+def warmup_steps(cfg: TrainingConfig, total_steps: int) -> int:
+    """`warmup_steps` when set, else `warmup_ratio` of the total steps (rounded up: a ratio above 0 warms up)."""
+    return cfg.warmup_steps or math.ceil(cfg.warmup_ratio * max(int(total_steps), 0))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig, total_steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, cfg.warmup_steps, total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.schedule, warmup_steps(cfg, total_steps), total_steps))
