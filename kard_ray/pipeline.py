@@ -40,7 +40,7 @@ DEPENDS_ON: dict[str, tuple[list[str], list[str]]] = {
                                             "student.max_source_length", "student.max_target_length", "methods",
                                             "student.validation_fraction", "student.validation_max_questions",
                                             "eval.k"]),
-    "mine": (["knowledge", "teacher"], ["reranker.candidates_k", "reranker.holdout_fraction", "seed",
+    "mine": (["knowledge", "teacher"], ["reranker.candidates_k", "reranker.holdout_fraction", "reranker.eval_on", "seed",
                                          "eval.oracle_rationales_path"]),
     "reranker": (["mine"], ["reranker", "seed", "eval.oracle_rationales_path"]),
     "student": (["examples"], ["student", "seed"]),

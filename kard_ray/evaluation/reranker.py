@@ -22,7 +22,7 @@ from kard_ray.inference.formats import question_query
 from kard_ray.inference.reranker import rerank_dataset
 from kard_ray.io import RunDir
 from kard_ray.teacher.kept import kept_rationales
-from kard_ray.training.reranker_mining import is_holdout
+from kard_ray.training.reranker_mining import holdout_key, is_holdout
 from kard_ray.console import say
 
 HITS_AT = (1, 3, 5, 10)
@@ -49,7 +49,7 @@ def eval_inputs(cfg: KardConfig, run: RunDir) -> tuple[Optional[pa.Table], str]:
 
     rows = []
     path = test_rationales_path(cfg, run)
-    if path:
+    if path and cfg.reranker.eval_on == "auto":
         source = f"test split, rationales from {path}"
         rationales = load_teacher_rationales(path)
         for qid, q in read_questions(run, "test").items():
@@ -63,7 +63,7 @@ def eval_inputs(cfg: KardConfig, run: RunDir) -> tuple[Optional[pa.Table], str]:
         seen = set()
         for r in kept_rationales(run, questions):
             qid = r["question_id"]
-            if qid in seen or not is_holdout(qid, cfg.seed, cfg.reranker.holdout_fraction):
+            if qid in seen or not is_holdout(holdout_key(cfg, qid), cfg.seed, cfg.reranker.holdout_fraction):
                 continue
             seen.add(qid)
             q = questions[qid]

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from kard_ray import io
 from kard_ray.config import KardConfig, KnowledgeConfig
-from kard_ray.data.stage import read_questions, test_rationales_path
+from kard_ray.data.stage import read_questions, test_rationales_path, validation_group
 from kard_ray.inference.formats import question_query
 from kard_ray.io import RunDir
 from kard_ray.teacher.kept import kept_rationales
@@ -57,8 +57,15 @@ INPUT_SCHEMA = pa.schema([("question_id", pa.string()), ("sample", pa.int64()), 
 
 def effective_holdout(cfg: KardConfig, run: RunDir) -> float:
     """Share of training questions held out of mining: 0 when test rationales exist (the reranker is
-    then measured on the test split, `kard_ray.evaluation.reranker`)."""
-    return 0.0 if test_rationales_path(cfg, run) else cfg.reranker.holdout_fraction
+    then measured on the test split, `kard_ray.evaluation.reranker`) unless `reranker.eval_on` is holdout."""
+    if cfg.reranker.eval_on == "auto" and test_rationales_path(cfg, run):
+        return 0.0
+    return cfg.reranker.holdout_fraction
+
+
+def holdout_key(cfg: KardConfig, question_id: str) -> str:
+    """What is held out as a whole: a question, or for the synthetic task an entity's questions."""
+    return validation_group(question_id, cfg.data.dataset)
 
 
 def is_holdout(question_id: str, seed: int, fraction: float) -> bool:
@@ -75,7 +82,7 @@ def mining_inputs(cfg: KardConfig, run: RunDir) -> pa.Table:
     frac = effective_holdout(cfg, run)
     rows = []
     for r in kept_rationales(run, questions):
-        if is_holdout(r["question_id"], cfg.seed, frac):
+        if is_holdout(holdout_key(cfg, r["question_id"]), cfg.seed, frac):
             continue
         q = questions[r["question_id"]]
         rows.append({"question_id": r["question_id"], "sample": int(r["sample"]),
