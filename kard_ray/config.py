@@ -49,6 +49,7 @@ def _check(cond: bool, key: str, msg: str) -> None:
 
 @dataclass
 class SyntheticConfig:
+    family: Literal["towns", "people"] = _f("towns", "Task family: `towns` (one-word names, short rationales) or `people` (two-word names, other attributes, rationales of ~30 words).")
     n_train_entities: int = _f(240, "Fictional entities whose questions are used for training.")
     n_test_entities: int = _f(60, "Entities held out for testing: never seen in training, so only retrieval answers them.")
     n_attributes: int = _f(4, "Attributes (facts) per entity; one question is asked per attribute.", )
@@ -56,6 +57,8 @@ class SyntheticConfig:
     rationales_per_question: int = _f(3, "Teacher-style rationales written per training question.")
     wrong_rationale_rate: float = _f(0.1, "Share of rationales that argue for a wrong option (the filter must drop them).")
     distractors_per_entity: int = _f(1, "Distractor passages per fact that share its entity and attribute words but state a wrong option.")
+    distractor_rate: float = _f(1.0, "Share of facts that get their distractor passages (the rest have none, so question-only BM25 finds them).")
+    distractor_templates: Literal["facts", "own"] = _f("facts", "`facts`: distractors are written in the facts' own templates (the question's entity in the frame, another entity's fact stating a wrong option), so only reading whose fact a sentence states tells them apart; `own`: distractor-only templates, which a reranker can learn to spot (the earlier demo).")
     listing_distractor_rate: float = _f(0.3, "Share of questions with a passage listing their wrong options next to the entity: it fools question-only BM25 (not the rationale's), which is what the reranker must learn to fix.")
     seed: int = _f(13, "Seed: the same seed gives the same task, byte for byte.")
 
@@ -67,6 +70,7 @@ class SyntheticConfig:
         _check(self.rationales_per_question >= 1, "data.synthetic.rationales_per_question", "must be >= 1")
         _check(0.0 <= self.wrong_rationale_rate < 1.0, "data.synthetic.wrong_rationale_rate", "must be in [0, 1)")
         _check(self.distractors_per_entity >= 0, "data.synthetic.distractors_per_entity", "must be >= 0")
+        _check(0.0 <= self.distractor_rate <= 1.0, "data.synthetic.distractor_rate", "must be in [0, 1]")
         _check(0.0 <= self.listing_distractor_rate <= 1.0, "data.synthetic.listing_distractor_rate", "must be in [0, 1]")
 
 
@@ -350,8 +354,9 @@ class TrainingConfig:
     grad_accum: int = _f(1, "Micro-batches per optimizer step.")
     lr: float = _f(1e-4, "Peak learning rate (AdamW).")
     weight_decay: float = _f(0.0, "AdamW weight decay.")
-    schedule: Literal["constant", "linear"] = _f("constant", "Constant, or linear warmup then linear decay.")
-    warmup_steps: int = _f(0, "Warmup steps (linear schedule).")
+    schedule: Literal["constant", "linear", "cosine"] = _f("cosine", "Learning rate after warmup: constant, linear decay to 0, or cosine decay to 0 at the last step.")
+    warmup_steps: int = _f(0, "Linear warmup steps; 0: warmup_ratio of the total steps.")
+    warmup_ratio: float = _f(0.05, "Warmup as a share of the total optimizer steps, when warmup_steps is 0.")
     max_grad_norm: Optional[float] = _f(1.0, "Clip gradients to this norm; null disables.")
     bf16: bool = _f(True, "bf16 autocast on GPU.")
     cpu_bf16: bool = _f(False, "bf16 autocast on CPU too, where the CPU computes bf16 natively (AVX-512 BF16 or AMX; else ignored with a warning). The demo students step 1.5-1.6x faster on this project's 2-core EPYC (README); weights and optimizer stay fp32.")
@@ -373,6 +378,7 @@ class TrainingConfig:
         _check(self.lr > 0, f"{section}.lr", "must be > 0")
         _check(self.weight_decay >= 0, f"{section}.weight_decay", "must be >= 0")
         _check(self.warmup_steps >= 0, f"{section}.warmup_steps", "must be >= 0")
+        _check(0.0 <= self.warmup_ratio < 1.0, f"{section}.warmup_ratio", "must be in [0, 1)")
         _check(self.max_grad_norm is None or self.max_grad_norm > 0, f"{section}.max_grad_norm", "must be > 0 or null")
         _check(self.checkpoint_every_steps >= 0, f"{section}.checkpoint_every_steps", "must be >= 0")
         _check(self.keep_checkpoints >= 1, f"{section}.keep_checkpoints", "must be >= 1")
@@ -431,6 +437,7 @@ class RerankerConfig(TrainingConfig):
     k_star: int = _f(100, "Inference: BM25 candidates handed to the reranker.")
     eval_questions: Optional[int] = _f(None, "Held-out questions for the Hits@k report (null: all test questions).")
     holdout_fraction: float = _f(0.05, "Without test-time rationales (eval.oracle_rationales_path or the synthetic task's), hold this share of training questions out of mining and report Hits@k on them.")
+    eval_on: Literal["auto", "holdout"] = _f("auto", "Where Hits@k is measured: `auto`, the test split when it has rationales, else the held-out training share; `holdout`, always the held-out training share (for the synthetic task whole entities), to choose settings without looking at test.")
     num_actors: int = _f(1, "Batch reranking actors.")
     num_cpus_per_actor: float = _f(0.5, "CPUs each reranking actor reserves.")
 

@@ -109,6 +109,74 @@ def test_synthetic_task_is_deterministic_and_split_by_entity(synthetic_cfg):
     assert other.passages != a.passages
 
 
+@pytest.mark.parametrize("family", ["towns", "people"])
+def test_synthetic_distractors_are_written_in_the_facts_own_templates(family):
+    """A distractor is another entity's *true* fact, stating one of the question's wrong options, in the same
+    frames the facts use with the question's entity in the frame: no template tells it apart, only whose
+    fact it states. Question-only BM25 therefore cannot separate them; the rationale (right value) can."""
+    import re
+
+    import collections
+
+    import pyarrow as pa
+
+    from kard_ray.config import BM25Config, SyntheticConfig
+    from kard_ray.data.synthetic import FAMILIES, entity_slug
+    from kard_ray.inference.formats import question_query
+    from kard_ray.knowledge.bm25 import BM25Index
+
+    cfg = SyntheticConfig(family=family, n_train_entities=150, n_test_entities=30, distractor_rate=0.5,
+                          listing_distractor_rate=0.0, seed=3)
+    task, fam = make_task(cfg), FAMILIES[family]
+    by_id = {p["id"]: p["text"] for p in task.passages}
+    assert len(set(by_id.values())) == len(by_id), "no two passages share a text (dedup would drop one)"
+    frames = [re.compile("^" + re.escape(f).replace(re.escape("{x}"), "(?P<x>.+?)")
+                         .replace(re.escape("{fact}"), "(?P<fact>.+)").replace(re.escape("{fact_lc}"), "(?P<fact>.+)") + "$")
+              for f in fam.frames]
+
+    def frame_of(text):  # (frame index, entity in the frame, the fact sentence)
+        hits = [(i, m["x"], m["fact"]) for i, rx in enumerate(frames) for m in [rx.match(text)] if m]
+        assert hits, text
+        return hits[0]
+
+    true_facts = {}  # (entity slug, attribute) -> value
+    for q in task.train_questions + task.test_questions:
+        slug, attr = q["id"].split("-", 1)[1].rsplit("-", 1)
+        true_facts[(slug, attr)] = q["options"][q["answer"]]
+    used = collections.Counter()
+    with_distractor = 0
+    for q in task.test_questions + task.train_questions:
+        slug, attr = q["id"].split("-", 1)[1].rsplit("-", 1)
+        fact_frame, x, fact = frame_of(by_id[f"{slug}-{attr}"])
+        assert entity_slug(x) != slug and q["options"][q["answer"]] in fact
+        used[fact_frame] += 1
+        d = by_id.get(f"{slug}-{attr}-d0")
+        if d is None:
+            continue
+        with_distractor += 1
+        d_frame, x, inner = frame_of(d)
+        used[d_frame] += 1
+        assert entity_slug(x) == slug, d  # the question's entity stands in the frame
+        wrong = [o for i, o in enumerate(q["options"]) if i != q["answer"] and re.search(rf"\b{o}\b", inner)]
+        assert len(wrong) == 1, (d, q["options"])
+        holder = next((e for e in task.entity_split if inner.startswith(e) or f" {e} " in f" {inner} "), inner)
+        assert true_facts[(entity_slug(holder), attr)] == wrong[0], d  # a true fact about somebody else
+    n = len(task.train_questions) + len(task.test_questions)
+    assert 0.4 * n < with_distractor < 0.6 * n and len(used) == len(fam.frames)
+
+    # question + options: fact and distractor about a tie (BM25 top-1 right for about half of those
+    # questions); the rationale finds the fact every time
+    index = BM25Index.build(pa.Table.from_pylist(task.passages), BM25Config())
+
+    tested = [q for q in task.test_questions if f"{q['id'].split('-', 1)[1]}-d0" in by_id]
+    top_q = index.search([question_query(q["question"], q["options"]) for q in tested], 1)
+    top_r = index.search([r["text"] for r in task.test_rationales
+                          if any(r["question_id"] == q["id"] for q in tested)], 1)
+    right_q = sum(ids[0] == q["id"].split("-", 1)[1] for ids, q in zip(top_q[0], tested))
+    right_r = sum(ids[0] == q["id"].split("-", 1)[1] for ids, q in zip(top_r[0], tested))
+    assert 0.2 * len(tested) < right_q < 0.8 * len(tested) and right_r >= 0.95 * len(tested), (right_q, right_r, len(tested))
+
+
 def test_reading_a_run_table_starts_no_footer_reader_actors(ray_session, tmp_path):
     """Run tables are read through Ray Data's V1 parquet datasource (kard_ray.runtime.configure_data_context):
     V2's FooterReader actors cost new worker processes and seconds on every read_parquet."""
