@@ -74,7 +74,10 @@ def ray_session():
 def synthetic_cfg():
     from kard_ray.config import SyntheticConfig
 
-    return SyntheticConfig(n_train_entities=40, n_test_entities=10, rationales_per_question=2, seed=7)
+    # distractor_templates=own: the unit tests' small task keeps distractors a tiny reranker separates in tens
+    # of steps; the facts-template distractors (the default) are the demo tests' and test_data's
+    return SyntheticConfig(n_train_entities=40, n_test_entities=10, rationales_per_question=2, seed=7,
+                           distractor_templates="own")
 
 
 @pytest.fixture(scope="session")
@@ -111,39 +114,52 @@ def tiny_bert_dir(tmp_path_factory, synthetic_task, tiny_cfg) -> str:
 
 # The demo at test size (configs/demo.yaml with fewer entities and steps): RD and KARD students, the
 # reranker, evaluation. Shared by the pipeline tests (the KARD effect, artifacts, stage skipping) and the
-# Serve tests (served answers equal these offline predictions), so the suite trains it once.
+# Serve tests (served answers equal these offline predictions), so the suite trains it once. The second
+# task family (configs/demo_people.yaml: the same config apart from its data section) runs at the same size.
 DEMO_TEST_OVERRIDES = [
     "methods=[ft,rd,kard_bm25,kard_reranker]",
     "data.synthetic.n_test_entities=25",
     "student.max_steps=1200",  # 1,500 in configs/demo.yaml; at 1,200 the margins hold (README: the test-size table)
     "student.checkpoint_every_steps=0",
-    "reranker.max_steps=100",
     "eval.oracle=false",
 ]
+PEOPLE_TEST_OVERRIDES = ["methods=[rd,kard_bm25,kard_reranker]", *DEMO_TEST_OVERRIDES[1:]]
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """(config, manifest) of one finished pipeline run at test size, run as a user runs the demo: the real
-    CLI (`python jobs/distill.py`) in its own process with its own embedded Ray. Its console output (stdout
-    and stderr together) is kept beside the run for `demo_console`. KARD_TEST_DEMO_RUN_DIR reuses a run."""
+def _run_demo_cli(config: str, overrides: list[str], run_dir: str):
+    """(config, manifest) of a finished test-size run, run as a user runs the demo: the real CLI
+    (`python jobs/distill.py`) in its own process with its own embedded Ray. Its console output (stdout and
+    stderr together) is kept beside the run (`<run_dir>.console.txt`)."""
     import subprocess
     import sys
 
     from kard_ray import io
     from kard_ray.config import load_config
 
-    run_dir = os.environ.get("KARD_TEST_DEMO_RUN_DIR") or str(tmp_path_factory.mktemp("demo_run"))
-    cmd = [sys.executable, str(REPO / "jobs" / "distill.py"), "--config", str(REPO / "configs" / "demo.yaml"),
-           *DEMO_TEST_OVERRIDES, f"run_dir={run_dir}"]
+    cmd = [sys.executable, str(REPO / "jobs" / "distill.py"), "--config", str(REPO / "configs" / config),
+           *overrides, f"run_dir={run_dir}"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("KARD_VERBOSE", None)
     p = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                        timeout=3600)
     Path(run_dir.rstrip("/") + ".console.txt").write_text(p.stdout)
     assert p.returncode == 0, p.stdout[-6000:]
-    cfg = load_config(str(REPO / "configs" / "demo.yaml"), DEMO_TEST_OVERRIDES + [f"run_dir={run_dir}"])
+    cfg = load_config(str(REPO / "configs" / config), overrides + [f"run_dir={run_dir}"])
     return cfg, io.read_json(io.RunDir(run_dir).manifest)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """(config, manifest) of the demo at test size (`_run_demo_cli`). KARD_TEST_DEMO_RUN_DIR reuses a run."""
+    run_dir = os.environ.get("KARD_TEST_DEMO_RUN_DIR") or str(tmp_path_factory.mktemp("demo_run"))
+    return _run_demo_cli("demo.yaml", DEMO_TEST_OVERRIDES, run_dir)
+
+
+@pytest.fixture(scope="session")
+def people_run(tmp_path_factory):
+    """(config, manifest) of the second task family at test size. KARD_TEST_PEOPLE_RUN_DIR reuses a run."""
+    run_dir = os.environ.get("KARD_TEST_PEOPLE_RUN_DIR") or str(tmp_path_factory.mktemp("people_run"))
+    return _run_demo_cli("demo_people.yaml", PEOPLE_TEST_OVERRIDES, run_dir)
 
 
 @pytest.fixture(scope="session")

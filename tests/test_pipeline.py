@@ -16,7 +16,7 @@ from kard_ray.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 
 KARD_MINUS_RD_MARGIN = 0.30  # KARD-reranker - RD, asserted below; measured margins are in the README
-BM25_MINUS_RD_MARGIN = 0.15
+BM25_MINUS_RD_MARGIN = 0.25  # the issue's bar, on both task families
 
 LOOP = re.compile(r"(.{1,12}?)\1{3,}")  # a piece repeated 4+ times in a row: a degenerate, looping generation
 
@@ -26,18 +26,14 @@ DESIGN_ARTIFACTS = ["manifest.json", "config.yaml", "questions/train.parquet", "
                     "eval/predictions/kard_bm25", "eval/predictions/rd"]
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(3000)
-def test_demo_kard_beats_rd_on_unseen_entities(demo_run):
-    cfg, manifest = demo_run
+def _assert_kard_ordering(cfg, manifest, methods: tuple[str, ...]) -> dict:
+    """The KARD effect on unseen entities, and generations long enough to be read; returns the metrics."""
     run = io.RunDir(cfg.run_dir)
-    for rel in DESIGN_ARTIFACTS:
-        assert io.exists(run.path(rel)), f"missing artifact {rel}"
     assert all(s["status"] == "done" for s in manifest["stages"].values()), manifest["stages"]
     metrics = io.read_json(run.path("eval", "metrics.json"))["methods"]
     rd, bm25, rerank = (metrics[m]["accuracy"] for m in ("rd", "kard_bm25", "kard_reranker"))
-    print(f"\nRD {rd:.3f}  KARD-BM25 {bm25:.3f}  KARD-reranker {rerank:.3f}  (n={metrics['rd']['n']} unseen-entity questions)")
-    assert rerank - rd >= KARD_MINUS_RD_MARGIN, metrics
+    print(f"\n{cfg.data.synthetic.family}: RD {rd:.3f}  KARD-BM25 {bm25:.3f}  KARD-reranker {rerank:.3f}  "
+          f"(n={metrics['rd']['n']} unseen-entity questions)")
     assert bm25 - rd >= BM25_MINUS_RD_MARGIN, metrics
     assert rerank > bm25, metrics  # the reranker adds on top of BM25 (the paper's ordering)
     counts = manifest["stages"]["student"]["counts"]
@@ -45,7 +41,7 @@ def test_demo_kard_beats_rd_on_unseen_entities(demo_run):
     # the generations were long enough to be read (eval.max_new_tokens: null, what the training targets
     # need): almost none cut; where one was, it was looping (RD spelling an unseen name it cannot copy,
     # "Gathkathkathkath..."), which no token limit cures; and the KARD answers are readable
-    for name in ("ft", "rd", "kard_bm25", "kard_reranker"):
+    for name in methods:
         cut = [r["generation"] for r in io.read_table(run.path("eval", "predictions", name)).to_pylist()
                if r["truncated"]]
         assert len(cut) == metrics[name]["truncated"]
@@ -53,9 +49,53 @@ def test_demo_kard_beats_rd_on_unseen_entities(demo_run):
         assert len(not_looping) <= 0.05 * metrics[name]["n"], (name, not_looping[:5])
     for name in ("kard_bm25", "kard_reranker"):
         assert metrics[name]["truncated"] <= 0.05 * metrics[name]["n"], (name, metrics[name])
-    assert all(metrics[m]["unreadable"] <= 0.05 * metrics[m]["n"] for m in ("kard_bm25", "kard_reranker")), metrics
-    hits = io.read_json(run.path("eval", "reranker_metrics.json"))
-    print("reranker Hits:", json.dumps(hits)[:300])
+        assert metrics[name]["unreadable"] <= 0.05 * metrics[name]["n"], (name, metrics[name])
+    return metrics
+
+
+def _hits_at_1(cfg) -> tuple[float, float]:
+    """(BM25 order, distilled reranker) Hits@1 of the rationale's passage for the held-out test entities."""
+    hits = io.read_json(io.RunDir(cfg.run_dir).path("eval", "reranker_metrics.json"))
+    assert hits["source"].startswith("test split") and hits["n_questions"] == 4 * cfg.data.synthetic.n_test_entities
+    print("Hits@1: bm25", hits["bm25"]["hits@1"], "reranker", hits["reranker"]["hits@1"])
+    return hits["bm25"]["hits@1"], hits["reranker"]["hits@1"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+def test_demo_kard_beats_rd_on_unseen_entities(demo_run):
+    """The demo's distractors are written in the facts' own templates, so the tiny reranker beats BM25 only
+    by reading whose fact a passage states (no template to spot), and KARD-reranker > KARD-BM25 > RD."""
+    cfg, manifest = demo_run
+    run = io.RunDir(cfg.run_dir)
+    for rel in DESIGN_ARTIFACTS:
+        assert io.exists(run.path(rel)), f"missing artifact {rel}"
+    assert cfg.data.synthetic.distractor_templates == "facts" and cfg.data.synthetic.listing_distractor_rate == 0
+    metrics = _assert_kard_ordering(cfg, manifest, ("ft", "rd", "kard_bm25", "kard_reranker"))
+    assert metrics["kard_reranker"]["accuracy"] - metrics["rd"]["accuracy"] >= KARD_MINUS_RD_MARGIN, metrics
+    bm25, reranker = _hits_at_1(cfg)
+    assert reranker > bm25, (bm25, reranker)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3000)
+def test_second_task_family_keeps_the_ordering_under_the_demo_config(people_run):
+    """configs/demo_people.yaml (people: two-word names, other attributes, rationales of ~30 words, half the
+    training entities) with everything outside its data section equal to the demo's: the same recipe
+    keeps KARD-BM25 >= RD + 25 points, and the demo's reranker settings do not lose to BM25."""
+    cfg, manifest = people_run
+    assert cfg.data.synthetic.family == "people"
+    _assert_kard_ordering(cfg, manifest, ("rd", "kard_bm25", "kard_reranker"))
+    bm25, reranker = _hits_at_1(cfg)
+    assert reranker >= bm25, (bm25, reranker)
+
+
+def test_the_two_task_families_share_one_config_apart_from_data():
+    demo = load_config(str(REPO / "configs" / "demo.yaml")).to_dict()
+    people = load_config(str(REPO / "configs" / "demo_people.yaml")).to_dict()
+    for c in (demo, people):
+        c.pop("data"), c.pop("run_dir")
+    assert demo == people
 
 
 # A line of kard-ray's own: "[stage] ..." (stage names, student/evaluation names: letters, digits, _ . -)

@@ -227,6 +227,28 @@ def test_mining_writes_candidates_with_bm25_silver_scores(synth):
         assert ex["candidate_ids"][0] == ex["question_id"].split("-", 1)[1]
 
 
+def test_eval_on_holdout_holds_whole_training_entities_out_of_mining_and_measures_on_them(synth):
+    """reranker.eval_on=holdout: settings are chosen on held-out *training* entities although the run has
+    test rationales; every question of a held-out entity is out of mining, and only those are measured."""
+    from kard_ray.evaluation.reranker import eval_inputs
+    from kard_ray.training.reranker_mining import mining_inputs
+
+    auto_rows, auto_source = eval_inputs(synth.cfg, synth.run)
+    assert auto_source.startswith("test split") and set(auto_rows.column("question_id").to_pylist()) <= \
+        {q["id"] for q in synth.task.test_questions}
+    cfg = with_reranker(synth.cfg, eval_on="holdout", holdout_fraction=0.25)
+    rows, source = eval_inputs(cfg, synth.run)
+    held = set(rows.column("question_id").to_pylist())
+    entity = lambda qid: qid.rsplit("-", 1)[0]  # noqa: E731  "<split>-<entity>-<attribute>"
+    assert held and source.startswith("0.25 of the training questions")
+    assert all(q.startswith("train-") for q in held)
+    mined = set(mining_inputs(cfg, synth.run).column("question_id").to_pylist())
+    assert not {entity(q) for q in mined} & {entity(q) for q in held}, "an entity both mined and measured"
+    assert len(mined) + len(held) <= len(synth.task.train_questions) and len(held) < 0.5 * len(mined)
+    # with test rationales and eval_on=auto, nothing is held out of mining
+    assert len(set(mining_inputs(synth.cfg, synth.run).column("question_id").to_pylist())) > len(mined)
+
+
 def ensure_examples(synth) -> str:
     if not io.exists(synth.run.examples("reranker")):
         mine_candidates(synth.cfg, synth.run)
