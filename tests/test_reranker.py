@@ -35,8 +35,9 @@ from kard_ray.training.reranker import (
     EXAMPLES_SCHEMA, RerankCollate, RerankerLoss, listwise_loss, mine_candidates, sample_candidates, tau_model_at,
     train_reranker)
 
+# constant lr: 40 steps are too few for the default warmup + cosine decay to leave the tiny ColBERT its lr
 RERANKER = {"architecture": "late_interaction", "loss": "kl", "num_workers": 0, "batch_size": 16, "lr": 2e-3,
-            "max_steps": 40, "candidates_k": 8, "k_star": 8, "max_length": 64, "max_query_length": 32,
+            "schedule": "constant", "max_steps": 40, "candidates_k": 8, "k_star": 8, "max_length": 64, "max_query_length": 32,
             "colbert_dim": 32, "log_every_steps": 10, "num_actors": 1, "num_cpus_per_actor": 0.5}
 
 

@@ -282,7 +282,7 @@ def test_validation_exports_the_best_step_not_the_last(ray_session, examples, ti
     import dataclasses
 
     ds = _dataset(ray_session, examples, tiny_t5_dir)
-    kw = dict(batch_size=8, max_steps=16, lr=3e-3, log_every_steps=4)
+    kw = dict(batch_size=8, max_steps=16, lr=3e-3, log_every_steps=4, schedule="constant")  # a run stopped at 8 = the first 8 steps
     rows = [{"question": f"q{i}"} for i in range(10)]
     task = dataclasses.replace(seq2seq_task(tiny_t5_dir), validate_fn=_PeaksAt(peak_call=2))
     cfg = StudentConfig(num_workers=0, **kw)
