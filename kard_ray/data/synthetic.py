@@ -47,6 +47,12 @@ class Family:
     name_syllables: int       # syllables per name word
 
 
+# Value pools both families use (one word each).
+INSTRUMENTS = ["harp", "lute", "drum", "flute", "horn", "violin", "organ", "zither", "bagpipe", "cello", "oboe", "banjo"]
+DISHES = ["stew", "dumplings", "porridge", "pie", "noodles", "curry", "pancakes", "soup", "risotto", "kebab", "salad", "bread"]
+SPORTS = ["rowing", "chess", "archery", "fencing", "polo", "cricket", "hockey", "sailing", "boxing", "tennis", "rugby", "skiing"]
+
+
 TOWNS = Family(
     attributes={
         "export": ("What is the main export of {e}?", "The main export of {e} is {v}.",
@@ -56,11 +62,11 @@ TOWNS = Family(
         "color": ("What color is the flag of {e}?", "The flag of {e} is {v}.",
                   ["red", "green", "blue", "yellow", "purple", "orange", "white", "black", "silver", "crimson", "teal", "gold"]),
         "sport": ("Which sport is most popular in {e}?", "The most popular sport in {e} is {v}.",
-                  ["rowing", "chess", "archery", "fencing", "polo", "cricket", "hockey", "sailing", "boxing", "tennis", "rugby", "skiing"]),
+                  SPORTS),
         "instrument": ("Which instrument is played at festivals in {e}?", "At festivals in {e} people play the {v}.",
-                       ["harp", "lute", "drum", "flute", "horn", "violin", "organ", "zither", "bagpipe", "cello", "oboe", "banjo"]),
+                       INSTRUMENTS),
         "dish": ("What is the traditional dish of {e}?", "The traditional dish of {e} is {v}.",
-                 ["stew", "dumplings", "porridge", "pie", "noodles", "curry", "pancakes", "soup", "risotto", "kebab", "salad", "bread"]),
+                 DISHES),
     },
     phrase={"export": "main export", "animal": "emblem", "color": "flag", "sport": "popular sport",
             "instrument": "festival instrument", "dish": "traditional dish"},
@@ -81,7 +87,7 @@ TOWNS = Family(
 PEOPLE = Family(
     attributes={
         "instrument": ("Which instrument does {e} play?", "{e} plays the {v}.",
-                       ["harp", "lute", "drum", "flute", "horn", "violin", "organ", "zither", "bagpipe", "cello", "oboe", "banjo"]),
+                       INSTRUMENTS),
         "pet": ("What pet does {e} keep?", "{e} keeps a {v} as a pet.",
                 ["parrot", "tortoise", "ferret", "rabbit", "goldfish", "hamster", "lizard", "pony", "goat", "canary", "snake", "beagle"]),
         "job": ("What does {e} do for a living?", "{e} works as a {v}.",
@@ -89,9 +95,9 @@ PEOPLE = Family(
         "city": ("In which city was {e} born?", "{e} was born in {v}.",
                  ["Lisbon", "Oslo", "Cairo", "Lima", "Dublin", "Vienna", "Prague", "Nairobi", "Quito", "Hanoi", "Tunis", "Riga"]),
         "food": ("What is the favourite food of {e}?", "The favourite food of {e} is {v}.",
-                 ["stew", "dumplings", "porridge", "pie", "noodles", "curry", "pancakes", "soup", "risotto", "kebab", "salad", "bread"]),
+                 DISHES),
         "sport": ("Which sport does {e} coach?", "{e} coaches {v}.",
-                  ["rowing", "chess", "archery", "fencing", "polo", "cricket", "hockey", "sailing", "boxing", "tennis", "rugby", "skiing"]),
+                  SPORTS),
     },
     phrase={"instrument": "instrument", "pet": "pet", "job": "job", "city": "birthplace", "food": "favourite food",
             "sport": "sport"},
@@ -133,7 +139,7 @@ class SyntheticTask:
 # Short made-up words can be real ones ("The", "Tin"): a name must not be a function word, nor a value or
 # a word of the family's sentences, or "The Gys works as a fisher" reads as an article and a name.
 _NOT_NAMES = {"a", "an", "as", "at", "be", "by", "do", "go", "he", "in", "is", "it", "me", "my", "no", "of", "on",
-              "or", "so", "the", "to", "us", "we", "ye", "yet", "was", "say", "says", "sell", "kep", "ban", "bin",
+              "or", "so", "to", "us", "we", "ye", "yet", "was", "say", "says", "sell", "kep", "ban", "bin",
               "but", "for", "not", "nor", "the", "they", "them", "then", "than", "thus", "this"}
 
 
