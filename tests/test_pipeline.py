@@ -37,7 +37,7 @@ def _assert_kard_ordering(cfg, manifest, methods: tuple[str, ...]) -> dict:
     assert bm25 - rd >= BM25_MINUS_RD_MARGIN, metrics
     assert rerank > bm25, metrics  # the reranker adds on top of BM25 (the paper's ordering)
     counts = manifest["stages"]["student"]["counts"]
-    assert counts["kard"]["steps"] == counts["rd"]["steps"] == 1200
+    assert counts["kard"]["steps"] == counts["rd"]["steps"] == cfg.student.max_steps
     # the generations were long enough to be read (eval.max_new_tokens: null, what the training targets
     # need): almost none cut; where one was, it was looping (RD spelling an unseen name it cannot copy,
     # "Gathkathkathkath..."), which no token limit cures; and the KARD answers are readable
@@ -179,14 +179,13 @@ def test_rerun_of_the_demo_skips_every_finished_stage(demo_run, capsys, tmp_path
     import shutil
 
     from kard_ray import pipeline
-    from conftest import DEMO_TEST_OVERRIDES
 
     cfg0, first = demo_run
     # Work on a copy: the Serve tests use the original run as it is. A *relative* run_dir, as the demo's
     # default `runs/demo` is.
     shutil.copytree(cfg0.run_dir, tmp_path / "run")
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(str(REPO / "configs/demo.yaml"), DEMO_TEST_OVERRIDES + ["run_dir=run"])
+    cfg = load_config("run/config.yaml", ["run_dir=run"])  # the resolved config the run recorded
     again = pipeline.run(cfg)
     out = capsys.readouterr().out
     for stage in first["stages"]:
@@ -209,6 +208,33 @@ def test_failed_stage_keeps_earlier_artifacts(ray_session, tmp_path):
     for stage in ("questions", "knowledge", "teacher", "examples"):
         assert manifest["stages"][stage]["status"] == "done"
     assert io.exists(str(tmp_path / "questions/train.parquet")) and io.exists(str(tmp_path / "examples/student_rd"))
+
+
+# A changed setting reruns the stage that reads it and everything downstream, and nothing upstream.
+# (test_retrain shows the CLI acting on it; this covers the settings a tiny run cannot afford to rerun.)
+RERUNS = {
+    "data.synthetic.seed=14": ["questions", "knowledge", "teacher", "examples", "mine", "reranker", "student", "evaluate"],
+    "knowledge.words_per_passage=60": ["knowledge", "examples", "mine", "reranker", "student", "evaluate"],
+    "teacher.n_samples=2": ["teacher", "examples", "mine", "reranker", "student", "evaluate"],
+    "eval.k=2": ["examples", "student", "evaluate"],
+    "student.validation_fraction=0.1": ["examples", "student", "evaluate"],
+    "reranker.eval_on=holdout": ["mine", "reranker", "evaluate"],
+    "reranker.holdout_fraction=0.3": ["mine", "reranker", "evaluate"],
+    "reranker.candidates_k=16": ["mine", "reranker", "evaluate"],
+    "reranker.lr=2e-3": ["reranker", "evaluate"],
+    "student.lr=2e-3": ["student", "evaluate"],
+    "eval.score_by=likelihood": ["evaluate"],
+    "seed=1": ["mine", "reranker", "student", "evaluate"],
+}
+
+
+@pytest.mark.parametrize("override", sorted(RERUNS))
+def test_a_changed_setting_changes_its_stage_and_downstream_fingerprints_only(override):
+    from kard_ray import pipeline
+
+    before = pipeline.fingerprints(load_config(str(REPO / "configs/demo.yaml")))
+    after = pipeline.fingerprints(load_config(str(REPO / "configs/demo.yaml"), [override]))
+    assert [s for s in pipeline.STAGES if before[s] != after[s]] == RERUNS[override]
 
 
 @pytest.mark.slow
