@@ -130,11 +130,10 @@ FAMILY_RUNS = {  # fixture -> (config, test-size overrides, env var naming a run
     "demo_run": ("demo.yaml", DEMO_TEST_OVERRIDES, "KARD_TEST_DEMO_RUN_DIR"),
     "people_run": ("demo_people.yaml", PEOPLE_TEST_OVERRIDES, "KARD_TEST_PEOPLE_RUN_DIR"),
 }
-# Both families at once, one core each: two single-thread students side by side train ~14% more samples per
-# second than one two-thread student (tiny matrices scale poorly over threads), and one run's Ray start-up and
-# data stages overlap the other's training: 1,119 s for both against 1,566 s one after the other (README
-# "Tests"). One core each, because two two-thread processes on two cores stall each other. A run started
-# alone keeps the config's two threads.
+# Both families at once, one core each, so one run's Ray start-up, data stages and evaluation overlap the
+# other's training: 1,119 s for both, against 1,566 s one after the other at 1,200 steps (README "Tests").
+# One core each, because two two-thread processes on two cores stall each other. A run started alone keeps
+# the config's two threads.
 CONCURRENT_OVERRIDES = ["student.cpus_per_worker=1"]
 
 
