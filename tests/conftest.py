@@ -152,19 +152,12 @@ def _start_demo_cli(config: str, overrides: list[str], run_dir: str):
 
 
 def _finished_run(proc, console, config: str, overrides: list[str], run_dir: str):
-    """(config, manifest) of a test-size run once its process has exited 0."""
+    """(config, manifest) of a test-size run once its process has exited 0 (`family_runs` stops it otherwise)."""
     from kard_ray import io
     from kard_ray.config import load_config
 
-    try:
-        code = proc.wait(timeout=3600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        console.close()
-    text = Path(console.name).read_text()
-    assert code == 0, text[-6000:]
+    code = proc.wait(timeout=3600)
+    assert code == 0, Path(console.name).read_text()[-6000:]
     cfg = load_config(str(REPO / "configs" / config), overrides + [f"run_dir={run_dir}"])
     return cfg, io.read_json(io.RunDir(run_dir).manifest)
 
@@ -182,11 +175,12 @@ def family_runs(request, tmp_path_factory) -> dict:
             run_dir = os.environ.get(env_var) or str(tmp_path_factory.mktemp(name))
             started[name] = (*_start_demo_cli(config, overrides + extra, run_dir), config, overrides + extra, run_dir)
         return {name: _finished_run(*args) for name, args in started.items()}
-    finally:
+    finally:  # a run that failed or timed out stops the other too
         for proc, console, *_ in started.values():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            console.close()
 
 
 @pytest.fixture(scope="session")
