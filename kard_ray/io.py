@@ -280,6 +280,12 @@ def read_table(path: str, columns: list[str] | None = None) -> pa.Table:
     return pq.read_table(p, filesystem=fs, columns=columns)
 
 
+def read_schema(path: str) -> pa.Schema:
+    """The schema of a parquet file or directory, without reading its rows."""
+    fs, p = resolve(path)
+    return pq.ParquetDataset(p, filesystem=fs).schema
+
+
 @dataclass(frozen=True)
 class RunDir:
     """Names of everything a pipeline run writes (one place, so stages never disagree)."""

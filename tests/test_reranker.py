@@ -182,7 +182,7 @@ def test_late_interaction_maxsim_masks_padding_and_padding_does_not_change_score
 
     tok = load_tokenizer(tiny_bert_dir)
     long = "Brax . " + " ".join(["The main export of Brax is salt."] * 6)
-    for arch in ("cross_encoder", "late_interaction"):
+    for arch in ("cross_encoder", "late_interaction", "bi_encoder"):
         out = str(tmp_path / arch)
         save_reranker(build_reranker(arch, tiny_bert_dir, colbert_dim=16), out, tok, {"max_query_length": 32})
         rr = Reranker.from_dir(out, max_length=128, pair_batch_size=4)
@@ -192,6 +192,43 @@ def test_late_interaction_maxsim_masks_padding_and_padding_does_not_change_score
         assert alone.dtype == np.float32 and alone.shape == (1,)
         assert padded[0][0] == pytest.approx(alone[0], rel=1e-4, abs=1e-4), arch
         assert [len(x) for x in padded] == [2, 1] and rr.rerank("q", []).shape == (0,)
+
+
+def test_bi_encoder_scores_are_scaled_cosine_plus_weighted_standardised_retrieval_and_survive_export(
+        tiny_bert_dir, tmp_path):
+    """score = bi_scale * cos(trained question vector, frozen passage vector) + retrieval_weight * the retrieval
+    score standardised over the question's list; recomputed here from those definitions, after a reload."""
+    from kard_ray.inference.reranker import build_reranker, mean_pool, save_reranker, standardise
+    from kard_ray.models import load_tokenizer
+
+    torch.manual_seed(0)
+    model = build_reranker("bi_encoder", tiny_bert_dir, retrieval_weight=0.7, bi_scale=12.0)
+    with torch.no_grad():  # the towers start equal; make the question side differ, as training does
+        for p in model.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tok = load_tokenizer(tiny_bert_dir)
+    out = str(tmp_path / "bi")
+    save_reranker(model, out, tok, {"max_query_length": 32})
+    rr = Reranker.from_dir(out, max_length=64)
+    q = "What is the main export of Brax? salt tin"
+    passages = ["Brax . The main export of Brax is salt.", "Tolm . Tolm sells tin.", "Brax . Brax has a river."]
+    first_stage = np.array([9.0, 4.0, 6.5], np.float32)
+
+    def vec(encoder, texts, length):
+        enc = tok(texts, truncation=True, max_length=length, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            return mean_pool(encoder, enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+
+    cos = (vec(model.passage_encoder, passages, 64) @ vec(model.encoder, [q], 32)[0]).numpy()
+    z = (first_stage - first_stage.mean()) / first_stage.std()
+    assert standardise(torch.tensor(first_stage)[None])[0].numpy() == pytest.approx(z, rel=1e-5)
+    assert rr.rerank(q, passages, first_stage) == pytest.approx(12.0 * cos + 0.7 * z, rel=1e-4, abs=1e-4)
+    # without retrieval scores (POST /v1/rerank) the cosine ranks alone; the first stage's scale does not matter
+    assert rr.rerank(q, passages) == pytest.approx(12.0 * cos, rel=1e-4, abs=1e-4)
+    assert rr.rerank(q, passages, 3 * first_stage + 5) == pytest.approx(rr.rerank(q, passages, first_stage), abs=1e-4)
+    assert rr.uses_retrieval and not any(p.requires_grad for p in rr.model.passage_encoder.parameters())
+    with pytest.raises(ValueError, match="one score per candidate"):
+        rr.rerank(q, passages, first_stage[:2])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,6 +261,11 @@ def test_mining_writes_candidates_with_bm25_silver_scores(synth):
         q_ids, q_scores = index.search([ex["query"]], k)
         assert {i for i, f in zip(ex["candidate_ids"], ex["from_question"]) if f} == \
             {i for i, s in zip(q_ids[0], q_scores[0]) if s > 0}
+        # the question's retrieval score of each candidate: its own in the question's top-K, else that list's lowest
+        own = index.score_pairs(ex["query"], ex["candidate_ids"])
+        floor = float(min(q_scores[0]))
+        assert ex["question_scores"] == pytest.approx(
+            [float(s) if f else floor for s, f in zip(own, ex["from_question"])], rel=1e-6)
         # silver top of a consistent rationale is the question's true fact passage
         assert ex["candidate_ids"][0] == ex["question_id"].split("-", 1)[1]
 
@@ -248,6 +290,16 @@ def test_eval_on_holdout_holds_whole_training_entities_out_of_mining_and_measure
     assert len(mined) + len(held) <= len(synth.task.train_questions) and len(held) < 0.5 * len(mined)
     # with test rationales and eval_on=auto, nothing is held out of mining
     assert len(set(mining_inputs(synth.cfg, synth.run).column("question_id").to_pylist())) > len(mined)
+
+
+def test_examples_mined_by_an_older_version_are_refused_with_the_fix(synth, tmp_path):
+    """Examples without the question-score column (mined before it existed) fail at once, naming the column
+    and the stage to rerun, instead of training on a table the collate cannot read."""
+    rows = io.read_table(ensure_examples(synth))
+    run = RunDir(str(tmp_path / "old"))
+    io.write_table(rows.drop(["question_scores"]), io.join(run.examples("reranker"), "part-0.parquet"))
+    with pytest.raises(ValueError, match="no column 'question_scores'.*--from-stage mine"):
+        train_reranker(synth.cfg, run, synth.init, resume=False)
 
 
 def ensure_examples(synth) -> str:
@@ -323,14 +375,18 @@ def check_rerank_dataset_matches_online(synth, model_dir: str) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("architecture, loss, workers", [("late_interaction", "ce", 0), ("cross_encoder", "kl", 1)])
+@pytest.mark.parametrize("architecture, loss, workers", [("late_interaction", "ce", 0), ("cross_encoder", "kl", 1),
+                                                         ("bi_encoder", "kl", 1)])
 def test_each_architecture_and_loss_trains_saves_and_loads(synth, architecture, loss, workers):
-    """Short runs (with the long late-interaction + KL run above, both models and both losses train).
-    workers=1: the default cross-encoder in a real Ray Train worker with checkpoints."""
+    """Short runs (with the long late-interaction + KL run above, every model and both losses train).
+    workers=1: in a real Ray Train worker with checkpoints. The bi-encoder's passage side stays frozen, and the
+    vectors it trained against are the ones its exported passage encoder computes at inference."""
     from kard_ray.inference.reranker import build_reranker, load_reranker
 
+    extra = {"retrieval_weight": 1.0} if architecture == "bi_encoder" else {}
     cfg = with_reranker(synth.cfg, architecture=architecture, loss=loss, num_workers=workers, max_steps=4,
-                        checkpoint_every_steps=2, log_every_steps=2, tau_anneal=True, tau_model=2.0, tau_min=0.5)
+                        checkpoint_every_steps=2, log_every_steps=2, tau_anneal=True, tau_model=2.0, tau_min=0.5,
+                        **extra)
     ensure_examples(synth)
     result = train_reranker(cfg, synth.run, synth.init, resume=False)
     assert result["steps"] == 4 and all(math.isfinite(x) for x in result["loss_curve"])
@@ -348,6 +404,29 @@ def test_each_architecture_and_loss_trains_saves_and_loads(synth, architecture, 
     if workers:
         ckpts = os.listdir(os.path.join(synth.run.checkpoints, "reranker"))
         assert any(c.startswith("checkpoint_step") for c in ckpts), ckpts
+    if architecture == "bi_encoder":
+        check_bi_encoder_passage_side(synth, model, init)
+
+
+def check_bi_encoder_passage_side(synth, model, init) -> None:
+    from kard_ray.inference.reranker import encode_texts
+    from kard_ray.knowledge import BM25Index, format_passage
+    from kard_ray.models import load_tokenizer
+
+    frozen = dict(init.passage_encoder.named_parameters())
+    assert all(torch.equal(p, frozen[n]) for n, p in model.passage_encoder.named_parameters())
+    assert model.uses_retrieval and float(model.retrieval_weight) == 1.0
+    table = io.read_table(synth.run.examples("reranker_passage_vectors"))
+    examples = io.read_table(synth.run.examples("reranker"), columns=["candidate_ids"]).column("candidate_ids")
+    assert table.num_rows == len(set(table.column("id").to_pylist())) == \
+        len({pid for ids in examples.to_pylist() for pid in ids}), "each distinct candidate embedded once"
+    rows = table.slice(0, 5).to_pylist()
+    stored = BM25Index.load(synth.run.bm25_index).get([r["id"] for r in rows])
+    texts = [format_passage(p["title"], p["text"]) for p in stored]
+    enc = {k: torch.from_numpy(v) for k, v in encode_texts(load_tokenizer(synth.init), texts,
+                                                           synth.cfg.reranker.max_length).items()}
+    again = model.encode_passages(enc["input_ids"], enc["attention_mask"], enc.get("token_type_ids"))
+    assert again.numpy() == pytest.approx(np.array([r["vector"] for r in rows]), abs=1e-5)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The reranker at inference: architectures, tokenisation, save/load, `Reranker`, batch `rerank_dataset`.
 
-Two architectures over any HF encoder (name or path):
+Three architectures over any HF encoder (name or path):
 
 * `cross_encoder` (default): the question (+ options) and a passage read together,
   `[CLS] query [SEP] passage [SEP]` -> one logit (AutoModelForSequenceClassification, num_labels=1,
@@ -10,6 +10,11 @@ Two architectures over any HF encoder (name or path):
   each passage separately; a linear compressor maps token states to `colbert_dim`; the score is the
   sum over query tokens of the maximum dot product over passage tokens, padding masked on both sides
   (raw dot products, as in the authors' code, which found them slightly better than cosine).
+* `bi_encoder`: a trained query encoder against a frozen copy of the starting encoder for passages
+  (mean-pooled, L2-normalised): score = bi_scale * cos(query, passage), plus, with a `retrieval_weight`,
+  that weight * the first-stage retrieval score standardised over the candidate list (`standardise`). The frozen passage side lets training embed every candidate once, so thousands of
+  question-side steps fit on a CPU; the retrieval term lets the model learn what to add to BM25's order
+  instead of replacing it.
 
 Training (`kard_ray.training.reranker`) and inference (`Reranker`, and `rerank_dataset` on Ray Data)
 tokenise through the same two functions, `encode_pairs` and `encode_texts`, so a model sees at
@@ -17,7 +22,8 @@ inference exactly what it was trained on; `top_k` is the one stable top-k cut.
 
 An exported model directory holds the encoder's `save_pretrained` files, the tokenizer, and
 `kard_reranker.json` naming the architecture (and, for late interaction, the compressor weights in
-`colbert_linear.safetensors`).
+`colbert_linear.safetensors`; for the bi-encoder, the frozen passage encoder in `passage_encoder/` and
+the two scalars in `bi_encoder_head.safetensors`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+from collections import OrderedDict
 from typing import Optional, Sequence
 
 import math
@@ -38,8 +45,10 @@ from kard_ray.inference.formats import top_k
 
 META_FILE = "kard_reranker.json"
 COLBERT_HEAD_FILE = "colbert_linear.safetensors"
+BI_HEAD_FILE = "bi_encoder_head.safetensors"
+PASSAGE_ENCODER_DIR = "passage_encoder"
 FORMAT_VERSION = 1
-ARCHITECTURES = ("cross_encoder", "late_interaction")
+ARCHITECTURES = ("cross_encoder", "late_interaction", "bi_encoder")
 # Inputs an HF encoder may take from a tokenizer; anything else a tokenizer returns is dropped.
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -195,12 +204,105 @@ class LateInteraction(torch.nn.Module):
         return {"colbert_dim": self.compressor.out_features, "colbert_head": COLBERT_HEAD_FILE}
 
 
-def build_reranker(architecture: str, init_model: str, colbert_dim: int = 128) -> torch.nn.Module:
+def standardise(scores: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """First-stage scores made comparable across questions: per row of [B, n], minus the mean over the
+    row's real candidates (`mask`), over their standard deviation (1 when they are all equal); padding
+    positions come back 0. Training and inference both call this, over the same candidate lists."""
+    scores = scores.float()
+    mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.bool()
+    n = mask.sum(dim=-1, keepdim=True).clamp(min=1)
+    mean = (scores * mask).sum(dim=-1, keepdim=True) / n
+    var = (((scores - mean) * mask) ** 2).sum(dim=-1, keepdim=True) / n
+    std = var.sqrt()
+    std = torch.where(std > 1e-6, std, torch.ones_like(std))
+    return torch.where(mask, (scores - mean) / std, torch.zeros_like(scores))
+
+
+def mean_pool(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """L2-normalised mean of the token states over real tokens, [n, hidden] (sentence-transformers' pooling)."""
+    kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+    states = encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+    m = attention_mask.unsqueeze(-1).to(states.dtype)
+    pooled = (states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled.float(), dim=-1)
+
+
+class BiEncoder(torch.nn.Module):
+    """A trained query encoder, a frozen passage encoder, a fixed scale on their cosine and (optionally) a
+    fixed weight on the standardised retrieval score."""
+
+    architecture = "bi_encoder"
+
+    def __init__(self, encoder, passage_encoder, retrieval_weight: Optional[float], scale: float = 20.0):
+        super().__init__()
+        self.encoder = encoder
+        self.passage_encoder = passage_encoder.requires_grad_(False)
+        # Both scalars are settings, not weights (`reranker.bi_scale`, `reranker.retrieval_weight`): learned at
+        # the encoder's lr they barely move, and on StrategyQA learning them at a higher lr did not help.
+        self.register_buffer("scale", torch.tensor(float(scale)))
+        self.uses_retrieval = retrieval_weight is not None
+        self.register_buffer("retrieval_weight", torch.tensor(float(retrieval_weight or 0.0)))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, retrieval_weight: Optional[float], scale: float) -> "BiEncoder":
+        return cls(load_token_encoder(name_or_path), load_token_encoder(name_or_path), retrieval_weight, scale)
+
+    def train(self, mode: bool = True) -> "BiEncoder":
+        super().train(mode)
+        self.passage_encoder.eval()  # frozen: no dropout, so stored passage vectors stay exact
+        return self
+
+    def encode_queries(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return mean_pool(self.encoder, input_ids, attention_mask, token_type_ids)
+
+    @torch.no_grad()
+    def encode_passages(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return mean_pool(self.passage_encoder, input_ids, attention_mask, token_type_ids)
+
+    def combine(self, q_vecs: torch.Tensor, d_vectors: torch.Tensor, d_query_index: torch.Tensor,
+                d_retrieval: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Scores [n_docs] from query vectors [B, h], passage vectors [n_docs, h] and, when the model uses
+        them, the passages' standardised retrieval scores [n_docs]."""
+        scores = self.scale * (q_vecs[d_query_index] * d_vectors.float()).sum(dim=-1)
+        if self.uses_retrieval:
+            if d_retrieval is None:
+                raise ValueError("this bi-encoder reranker adds the retrieval score: pass the candidates' scores")
+            scores = scores + self.retrieval_weight * d_retrieval.float()
+        return scores
+
+    def forward(self, q_input_ids: torch.Tensor, q_attention_mask: torch.Tensor, d_vectors: torch.Tensor,
+                d_query_index: torch.Tensor, d_retrieval: Optional[torch.Tensor] = None,
+                q_token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q = self.encode_queries(q_input_ids, q_attention_mask, q_token_type_ids)
+        return self.combine(q, d_vectors, d_query_index, d_retrieval)
+
+    def gradient_checkpointing_enable(self, **kw) -> None:
+        self.encoder.gradient_checkpointing_enable(**kw)
+
+    def save(self, directory: str) -> dict:
+        from safetensors.torch import save_file
+
+        self.encoder.save_pretrained(directory)
+        self.passage_encoder.save_pretrained(os.path.join(directory, PASSAGE_ENCODER_DIR))
+        save_file({"scale": self.scale.detach().cpu().reshape(1).contiguous(),
+                   "retrieval_weight": self.retrieval_weight.detach().cpu().reshape(1).contiguous()},
+                  os.path.join(directory, BI_HEAD_FILE))
+        return {"bi_head": BI_HEAD_FILE, "passage_encoder": PASSAGE_ENCODER_DIR,
+                "uses_retrieval": self.uses_retrieval}
+
+
+def build_reranker(architecture: str, init_model: str, colbert_dim: int = 128,
+                   retrieval_weight: Optional[float] = None, bi_scale: float = 20.0) -> torch.nn.Module:
     """A reranker module initialised from an HF encoder (name or path)."""
     if architecture == "cross_encoder":
         return CrossEncoder.from_pretrained(init_model)
     if architecture == "late_interaction":
         return LateInteraction.from_pretrained(init_model, colbert_dim)
+    if architecture == "bi_encoder":
+        return BiEncoder.from_pretrained(init_model, retrieval_weight, bi_scale)
     raise ValueError(f"reranker architecture {architecture!r}: expected one of {ARCHITECTURES}")
 
 
@@ -232,6 +334,8 @@ def load_reranker(model_dir: str) -> tuple[torch.nn.Module, dict]:
     meta = read_meta(model_dir)
     if meta["architecture"] == "cross_encoder":
         model = CrossEncoder.from_pretrained(model_dir)
+    elif meta["architecture"] == "bi_encoder":
+        model = _load_bi_encoder(model_dir, meta)
     else:
         from safetensors.torch import load_file
 
@@ -242,6 +346,20 @@ def load_reranker(model_dir: str) -> tuple[torch.nn.Module, dict]:
         model.compressor.load_state_dict(load_file(head))
     model.eval()  # transformers 5 builds models in train mode (dropout on)
     return model, meta
+
+
+def _load_bi_encoder(model_dir: str, meta: dict) -> BiEncoder:
+    from safetensors.torch import load_file
+
+    passage_dir = os.path.join(model_dir, meta.get("passage_encoder", PASSAGE_ENCODER_DIR))
+    head = os.path.join(model_dir, meta.get("bi_head", BI_HEAD_FILE))
+    for path in (passage_dir, head):
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{model_dir}: bi-encoder reranker without its {os.path.basename(path)}")
+    weights = load_file(head)
+    return BiEncoder(load_token_encoder(model_dir), load_token_encoder(passage_dir),
+                     float(weights["retrieval_weight"][0]) if meta.get("uses_retrieval") else None,
+                     scale=float(weights["scale"][0]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,6 +394,10 @@ class Reranker:
         self.max_length = int(max_length)
         self.max_query_length = int(meta.get("max_query_length", 64))
         self.pair_batch_size = int(pair_batch_size)
+        # bi-encoder: passage vectors by passage string. The passage side is frozen and this object's model,
+        # lengths and autocast never change, so a hit is exact; candidate lists of different questions overlap.
+        self._passage_vectors: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+        self.passage_cache_size = 50_000  # ~77 MB of 384-d vectors
 
     @classmethod
     def from_dir(cls, model_dir: str, max_length: int = 256, device: str | None = None,
@@ -289,29 +411,75 @@ class Reranker:
         return cls(model, load_tokenizer(d), meta, max_length=max_length, device=device,
                    pair_batch_size=pair_batch_size, cpu_bf16=cpu_bf16)
 
-    def rerank(self, question: str, candidates: list[str]) -> np.ndarray:
-        """One float32 score per candidate (higher = more relevant), in the candidates' order."""
-        return self.rerank_batch([question], [candidates])[0]
+    def rerank(self, question: str, candidates: list[str], retrieval_scores=None) -> np.ndarray:
+        """One float32 score per candidate (higher = more relevant), in the candidates' order.
+
+        `retrieval_scores`: the candidates' first-stage scores, which a bi-encoder with a retrieval weight adds
+        (standardised over the list); without them such a model ranks by its own cosine alone. The other
+        architectures ignore them."""
+        return self.rerank_batch([question], [candidates],
+                                 None if retrieval_scores is None else [retrieval_scores])[0]
+
+    @property
+    def uses_retrieval(self) -> bool:
+        """Whether scores depend on the first-stage retrieval scores (a bi-encoder with a retrieval weight)."""
+        return bool(getattr(self.model, "uses_retrieval", False))
 
     @torch.inference_mode()
-    def rerank_batch(self, questions: list[str], candidates: list[list[str]]) -> list[np.ndarray]:
+    def rerank_batch(self, questions: list[str], candidates: list[list[str]],
+                     retrieval_scores: Optional[list] = None) -> list[np.ndarray]:
         """Scores per question; all pairs of the batch are scored in chunks of `pair_batch_size`."""
         if len(questions) != len(candidates):
             raise ValueError(f"rerank_batch: {len(questions)} questions but {len(candidates)} candidate lists")
-        q_index = np.repeat(np.arange(len(questions)), [len(c) for c in candidates])
+        lengths = [len(c) for c in candidates]
+        if retrieval_scores is not None and [len(r) for r in retrieval_scores] != lengths:
+            raise ValueError("rerank_batch: retrieval_scores must hold one score per candidate of each question")
+        q_index = np.repeat(np.arange(len(questions)), lengths)
         passages = [p for c in candidates for p in c]
         flat = np.zeros(len(passages), dtype=np.float32)
         if passages:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                flat = self._scores(questions, q_index, passages)
-        bounds = np.cumsum([0] + [len(c) for c in candidates])
+                flat = self._scores(questions, q_index, passages, retrieval_scores)
+        bounds = np.cumsum([0] + lengths)
         return [flat[bounds[i]:bounds[i + 1]] for i in range(len(questions))]
 
-    def _scores(self, questions: list[str], q_index: np.ndarray, passages: list[str]) -> np.ndarray:
+    def _scores(self, questions: list[str], q_index: np.ndarray, passages: list[str],
+                retrieval_scores: Optional[list]) -> np.ndarray:
         if self.architecture == "cross_encoder":
             return self._cross_scores(questions, q_index, passages)
+        if self.architecture == "bi_encoder":
+            return self._bi_scores(questions, q_index, passages, retrieval_scores)
         return self._late_scores(questions, q_index, passages)
 
+    def _bi_scores(self, questions: list[str], q_index: np.ndarray, passages: list[str],
+                   retrieval_scores: Optional[list]) -> np.ndarray:
+        q_enc = _to_torch(encode_texts(self.tokenizer, questions, self.max_query_length), self.device)
+        q_vecs = self.model.encode_queries(q_enc["input_ids"], q_enc["attention_mask"], q_enc.get("token_type_ids"))
+        d_vecs = self._bi_passage_vectors(passages)
+        retrieval = None
+        if self.uses_retrieval and retrieval_scores is not None:
+            retrieval = torch.cat([standardise(torch.as_tensor(np.asarray(r, np.float32))[None])[0]
+                                   for r in retrieval_scores]).to(self.device)
+        elif self.uses_retrieval:  # the retrieval term is absent: the model's own cosine ranks alone
+            retrieval = torch.zeros(len(passages), device=self.device)
+        return self.model.combine(q_vecs, d_vecs, torch.from_numpy(q_index).to(self.device),
+                                  retrieval).float().cpu().numpy().astype(np.float32)
+
+    def _bi_passage_vectors(self, passages: list[str]) -> torch.Tensor:
+        """[n, h] frozen passage vectors, each distinct passage encoded once (LRU of `passage_cache_size`)."""
+        cache = self._passage_vectors
+        todo = list(dict.fromkeys(p for p in passages if p not in cache))
+        for s in range(0, len(todo), self.pair_batch_size):
+            chunk = todo[s:s + self.pair_batch_size]
+            d_enc = _to_torch(encode_texts(self.tokenizer, chunk, self.max_length), self.device)
+            vecs = self.model.encode_passages(d_enc["input_ids"], d_enc["attention_mask"], d_enc.get("token_type_ids"))
+            cache.update(zip(chunk, vecs.float()))
+        out = torch.stack([cache[p] for p in passages])
+        for p in passages:
+            cache.move_to_end(p)
+        while len(cache) > self.passage_cache_size:
+            cache.popitem(last=False)
+        return out
 
     def _cross_scores(self, questions: list[str], q_index: np.ndarray, passages: list[str]) -> np.ndarray:
         out = []
@@ -360,7 +528,8 @@ class RerankBatch:
         titles = batch.column("passage_titles").to_pylist()
         texts = batch.column("passage_texts").to_pylist()
         cands = [[format_passage(t, x) for t, x in zip(ts or [], xs or [])] for ts, xs in zip(titles, texts)]
-        scores = self.reranker.rerank_batch([str(q) for q in batch.column("query").to_pylist()], cands)
+        first_stage = [list(x or []) for x in batch.column("passage_scores").to_pylist()]
+        scores = self.reranker.rerank_batch([str(q) for q in batch.column("query").to_pylist()], cands, first_stage)
         orders = [np.asarray(top_k(s, self.k), np.int64) for s in scores]
         lengths = np.array([len(c) for c in cands], np.int64)
         starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)

@@ -122,11 +122,12 @@ class Reranker:
         if self.reranker is None:
             raise RuntimeError("this application serves a run without a reranker")
         scores = await asyncio.to_thread(_locked, self.lock, self.reranker.rerank, query,
-                                         [_passage_text(p) for p in candidates])
+                                         [_passage_text(p) for p in candidates], [p["score"] for p in candidates])
         return [{**candidates[i], "score": float(scores[i])} for i in top_k(scores, k)]
 
     async def score(self, query: str, texts: list[str]) -> list[float]:
-        """Reranker scores of `texts` for `query` (POST /v1/rerank), in the given order."""
+        """Reranker scores of `texts` for `query` (POST /v1/rerank), in the given order. The documents come
+        without retrieval scores: a bi-encoder with a retrieval weight scores them by its cosine alone."""
         if self.reranker is None:
             raise RuntimeError("this application serves a run without a reranker")
         scores = await asyncio.to_thread(_locked, self.lock, self.reranker.rerank, query, list(texts))

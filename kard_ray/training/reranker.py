@@ -37,9 +37,10 @@ import torch
 
 from kard_ray import io
 from kard_ray.config import KardConfig, RerankerConfig
+from kard_ray.console import say
 from kard_ray.io import RunDir
 from kard_ray.inference.reranker import (
-    ARCHITECTURES, build_reranker, encode_pairs, encode_texts, load_reranker_tokenizer, save_reranker)
+    ARCHITECTURES, build_reranker, encode_pairs, encode_texts, load_reranker_tokenizer, save_reranker, standardise)
 from kard_ray.knowledge import format_passage
 from kard_ray.training.core import TrainTask, make_plan, ordered, train, tree_digest
 from kard_ray.training.lora import apply_lora, lora_settings, merge_lora
@@ -48,8 +49,15 @@ from kard_ray.training.reranker_mining import EXAMPLES_SCHEMA, mine_candidates
 __all__ = ["EXAMPLES_SCHEMA", "listwise_loss", "mine_candidates", "reranker_task", "sample_candidates",
            "tau_model_at", "train_reranker"]
 
-TRAIN_COLUMNS = ["question_id", "sample", "query", "candidate_titles", "candidate_texts", "silver",
-                 "from_rationale", "from_question"]
+TRAIN_COLUMNS = ["question_id", "sample", "query", "candidate_ids", "candidate_titles", "candidate_texts", "silver",
+                 "from_rationale", "from_question", "question_scores"]
+# what each architecture reads: the bi-encoder looks its passages up by id (`embed_candidates`), and with
+# K = 100 the texts are most of the table's bytes (1.4 GB for StrategyQA's 11,882 examples)
+NO_TEXTS = ("candidate_titles", "candidate_texts")
+
+
+def train_columns(architecture: str) -> list[str]:
+    return [c for c in TRAIN_COLUMNS if architecture != "bi_encoder" or c not in NO_TEXTS]
 _MASKED = -1e9  # finite "minus infinity": exp() underflows to 0 without inf - inf = nan in gradients
 
 
@@ -119,37 +127,63 @@ def example_key(question_id: str, sample: int) -> int:
 class RerankCollate:
     """Numpy rows of reranker examples -> tensors of every candidate of every example.
 
-    Example-level: silver, pool_mask, from_rationale, from_question ([B, P], P = largest pool),
-    pool_size and key ([B]). Cross-encoder: (query, passage) pairs `input_ids` etc. [T, L], example-major
-    (T = sum of pool sizes). Late interaction: `q_*` [B, Lq] and passages `d_*` [T, L].
+    Example-level: silver, question_scores, pool_mask, from_rationale, from_question ([B, P], P = largest
+    pool), pool_size and key ([B]). Cross-encoder: (query, passage) pairs `input_ids` etc. [T, L],
+    example-major (T = sum of pool sizes). Late interaction: `q_*` [B, Lq] and passages `d_*` [T, L].
+    Bi-encoder: `q_*` and the passages' frozen vectors `d_vectors` [T, h], read from `vectors_path`
+    (`embed_candidates`).
     """
 
-    def __init__(self, tokenizer_path: str, architecture: str, max_length: int, max_query_length: int):
+    def __init__(self, tokenizer_path: str, architecture: str, max_length: int, max_query_length: int,
+                 vectors_path: Optional[str] = None):
         if architecture not in ARCHITECTURES:
             raise ValueError(f"reranker architecture {architecture!r}: expected one of {ARCHITECTURES}")
+        if architecture == "bi_encoder" and not vectors_path:
+            raise ValueError("a bi-encoder reranker trains on precomputed passage vectors: pass vectors_path")
         self.tokenizer_path, self.architecture = tokenizer_path, architecture
         self.max_length, self.max_query_length = max_length, max_query_length
+        self.vectors_path, self._vectors = vectors_path, None
+
+    def passage_vectors(self, ids: list[str]) -> np.ndarray:
+        """[len(ids), h] frozen passage vectors, loaded once per process."""
+        if self._vectors is None:
+            table = io.read_table(self.vectors_path)
+            col = table.column("vector").combine_chunks()
+            matrix = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), -1)
+            self._vectors = ({pid: i for i, pid in enumerate(table.column("id").to_pylist())}, matrix)
+        row, matrix = self._vectors
+        missing = [pid for pid in ids if pid not in row]
+        if missing:
+            raise KeyError(f"{self.vectors_path}: no vector for candidate {missing[0]!r}; the examples changed "
+                           "after the vectors were computed")
+        return matrix[[row[pid] for pid in ids]]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         tok = load_reranker_tokenizer(self.tokenizer_path)
         queries = [str(q) for q in batch["query"]]
         sizes = np.array([len(x) for x in batch["silver"]], dtype=np.int64)
         b, p = len(queries), int(sizes.max())
-        silver = np.zeros((b, p), np.float32)
+        silver, q_scores = np.zeros((b, p), np.float32), np.zeros((b, p), np.float32)
         mask, from_r, from_q = (np.zeros((b, p), bool) for _ in range(3))
-        passages = []
+        passages, ids = [], []
         for i in range(b):
             n = sizes[i]
             silver[i, :n] = np.asarray(batch["silver"][i], np.float32)
+            q_scores[i, :n] = np.asarray(batch["question_scores"][i], np.float32)
+            ids += [str(x) for x in batch["candidate_ids"][i]]
             mask[i, :n] = True
             from_r[i, :n] = np.asarray(batch["from_rationale"][i], bool)
             from_q[i, :n] = np.asarray(batch["from_question"][i], bool)
-            passages += [format_passage(t, x) for t, x in zip(batch["candidate_titles"][i], batch["candidate_texts"][i])]
+            if self.architecture != "bi_encoder":
+                passages += [format_passage(t, x) for t, x in zip(batch["candidate_titles"][i], batch["candidate_texts"][i])]
         keys = np.array([example_key(q, s) for q, s in zip(batch["question_id"], batch["sample"])], np.int64)
-        out = {"silver": silver, "pool_mask": mask, "from_rationale": from_r, "from_question": from_q,
-               "pool_size": sizes, "key": keys}
+        out = {"silver": silver, "question_scores": q_scores, "pool_mask": mask, "from_rationale": from_r,
+               "from_question": from_q, "pool_size": sizes, "key": keys}
         if self.architecture == "cross_encoder":
             out.update(encode_pairs(tok, np.repeat(queries, sizes).tolist(), passages, self.max_length))
+        elif self.architecture == "bi_encoder":
+            out.update({f"q_{k}": v for k, v in encode_texts(tok, queries, self.max_query_length).items()})
+            out["d_vectors"] = self.passage_vectors(ids)
         else:
             out.update({f"q_{k}": v for k, v in encode_texts(tok, queries, self.max_query_length).items()})
             out.update({f"d_{k}": v for k, v in encode_texts(tok, passages, self.max_length).items()})
@@ -183,6 +217,21 @@ class RerankerLoss:
             slots[i, :len(chosen)] = chosen
         return slots
 
+    @staticmethod
+    def _bi_scores(model: torch.nn.Module, batch: dict[str, torch.Tensor], slots: np.ndarray, valid: np.ndarray,
+                   rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bi-encoder scores of the selected candidates; their retrieval scores are standardised over each
+        example's selection, as inference standardises over the retrieved list."""
+        device = batch["silver"].device
+        first_stage = torch.gather(batch["question_scores"], 1, torch.from_numpy(np.maximum(slots, 0)).to(device))
+        valid_t = torch.from_numpy(valid).to(device)
+        kw = {"q_input_ids": batch["q_input_ids"], "q_attention_mask": batch["q_attention_mask"],
+              "d_vectors": batch["d_vectors"][rows], "d_query_index": torch.from_numpy(np.nonzero(valid)[0]).to(device),
+              "d_retrieval": standardise(first_stage, valid_t)[valid_t]}
+        if "q_token_type_ids" in batch:
+            kw["q_token_type_ids"] = batch["q_token_type_ids"]
+        return model(**kw), batch["q_attention_mask"].sum()
+
     def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int):
         slots = self.select(batch, step)
         valid = slots >= 0
@@ -198,6 +247,8 @@ class RerankerLoss:
                 kw["token_type_ids"] = _trim(batch["token_type_ids"][rows], length)
             flat = model(**kw)
             n_tokens = kw["attention_mask"].sum()
+        elif self.architecture == "bi_encoder":
+            flat, n_tokens = self._bi_scores(model, batch, slots, valid, rows)
         else:
             d_mask = batch["d_attention_mask"][rows]
             length = int(d_mask.sum(dim=1).max())
@@ -219,12 +270,14 @@ class RerankerLoss:
 
 # peft task type of the HF model inside each architecture: a cross-encoder's classifier head trains
 # fully (peft's modules_to_save); late interaction's compressor sits outside the adapted encoder.
-LORA_TASK = {"cross_encoder": ("model", "SEQ_CLS"), "late_interaction": ("encoder", "FEATURE_EXTRACTION")}
+LORA_TASK = {"cross_encoder": ("model", "SEQ_CLS"), "late_interaction": ("encoder", "FEATURE_EXTRACTION"),
+             "bi_encoder": ("encoder", "FEATURE_EXTRACTION")}
 
 
 class RerankerBuild:
     def __call__(self, model_config: dict) -> torch.nn.Module:
-        model = build_reranker(model_config["architecture"], model_config["init_model"], model_config["colbert_dim"])
+        model = build_reranker(model_config["architecture"], model_config["init_model"], model_config["colbert_dim"],
+                               model_config.get("retrieval_weight"), model_config.get("bi_scale", 20.0))
         if model_config.get("lora"):
             attr, task_type = LORA_TASK[model.architecture]
             setattr(model, attr, apply_lora(getattr(model, attr), model_config["lora"], task_type))
@@ -241,13 +294,15 @@ class RerankerExport:
         save_reranker(merge_lora(model), directory, load_reranker_tokenizer(self.tokenizer_path), self.meta)
 
 
-def reranker_task(cfg: RerankerConfig, init_model: str, total_steps: int, seed: int) -> TrainTask:
+def reranker_task(cfg: RerankerConfig, init_model: str, total_steps: int, seed: int,
+                  vectors_path: Optional[str] = None) -> TrainTask:
     meta = {"init_model": init_model, "max_length": cfg.max_length, "max_query_length": cfg.max_query_length,
             "loss": cfg.loss, "query": "question + options (kard_ray.inference.formats.question_query)",
             "passage": "Title . text (kard_ray.knowledge.format_passage)"}
     load_reranker_tokenizer(init_model)  # fail here, not inside a worker, when the tokenizer is unusable
     return TrainTask(build_model=RerankerBuild(), loss_fn=RerankerLoss(cfg, total_steps, seed),
-                     collate_fn=RerankCollate(init_model, cfg.architecture, cfg.max_length, cfg.max_query_length),
+                     collate_fn=RerankCollate(init_model, cfg.architecture, cfg.max_length, cfg.max_query_length,
+                                              vectors_path),
                      export_fn=RerankerExport(init_model, meta))
 
 
@@ -262,8 +317,68 @@ def reranker_dataset(cfg: KardConfig, run: RunDir):
     if not io.exists(run.examples("reranker")):
         raise FileNotFoundError(f"{run.examples('reranker')}: no mined reranker examples (run the `mine` stage, "
                                 "or kard_ray.training.reranker_mining.mine_candidates, first)")
-    ds = ordered(ray.data.read_parquet(run.examples("reranker"), file_extensions=["parquet"]).select_columns(TRAIN_COLUMNS))
+    have = io.read_schema(run.examples("reranker")).names
+    missing = [c for c in train_columns(cfg.reranker.architecture) if c not in have]
+    if missing:
+        raise ValueError(f"{run.examples('reranker')}: no column {missing[0]!r}; these examples were mined by an "
+                         "older kard-ray: mine again (python jobs/distill.py --from-stage mine ...)")
+    columns = train_columns(cfg.reranker.architecture)
+    ds = ordered(ray.data.read_parquet(run.examples("reranker"), file_extensions=["parquet"]).select_columns(columns))
     return ordered(ds.random_shuffle(seed=cfg.seed)).materialize()
+
+
+class EmbedPassages:
+    """Ray Data actor: the frozen passage encoder of a fresh bi-encoder, exactly as `Reranker` embeds passages."""
+
+    def __init__(self, init_model: str, max_length: int, batch_size: int, num_threads: int, cpu_bf16: bool):
+        from kard_ray.inference.reranker import BiEncoder
+        from kard_ray.models import cpu_has_native_bf16
+
+        torch.set_num_threads(max(1, num_threads))
+        self.autocast = cpu_bf16 and cpu_has_native_bf16()  # as `Reranker` embeds them at inference
+        self.model = BiEncoder.from_pretrained(init_model, None, 1.0).eval()
+        self.tokenizer = load_reranker_tokenizer(init_model)
+        self.max_length, self.batch_size = max_length, batch_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        texts = [format_passage(t, x) for t, x in zip(batch.column("title").to_pylist(), batch.column("text").to_pylist())]
+        out = []
+        for s in range(0, len(texts), self.batch_size):
+            enc = {k: torch.from_numpy(v) for k, v in encode_texts(self.tokenizer, texts[s:s + self.batch_size],
+                                                                    self.max_length).items()}
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
+                out.append(self.model.encode_passages(enc["input_ids"], enc["attention_mask"],
+                                                      enc.get("token_type_ids")).float().numpy())
+        vectors = np.concatenate(out).astype(np.float32)
+        return pa.table({"id": batch.column("id"),
+                         "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])})
+
+
+def embed_candidates(cfg: KardConfig, run: RunDir, init_model: str) -> str:
+    """Embed every distinct mined candidate once with the bi-encoder's frozen passage encoder (an actor pool of
+    `reranker.num_actors`); returns the parquet path of {id, vector}. Recomputed whenever the reranker trains,
+    so the vectors always come from this init model, these lengths and these examples."""
+    import ray
+
+    rc = cfg.reranker
+    table = io.read_table(run.examples("reranker"), columns=["candidate_ids", "candidate_titles", "candidate_texts"])
+    seen, rows = set(), {"id": [], "title": [], "text": []}
+    for ids, titles, texts in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+        for pid, title, text in zip(ids, titles, texts):
+            if pid not in seen:
+                seen.add(pid)
+                rows["id"].append(pid), rows["title"].append(title), rows["text"].append(text)
+    out = run.examples("reranker_passage_vectors")
+    if io.exists(out):
+        io.remove(out)
+    ds = ray.data.from_arrow(pa.table(rows)).repartition(max(1, 4 * rc.num_actors)).map_batches(
+        EmbedPassages, batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(size=rc.num_actors),
+        num_cpus=rc.num_cpus_per_actor, fn_constructor_kwargs={
+            "init_model": init_model, "max_length": rc.max_length, "batch_size": 64,
+            "num_threads": max(1, math.floor(rc.num_cpus_per_actor)), "cpu_bf16": rc.cpu_bf16})
+    ds.write_parquet(out if io.is_uri(out) else io.resolve(out)[1])
+    say(f"[reranker] embedded {len(seen)} distinct candidate passages with the frozen passage encoder -> {out}")
+    return out
 
 
 def train_reranker(cfg: KardConfig, run: RunDir, init_model: str, *, resume: bool = True,
@@ -280,10 +395,14 @@ def train_reranker(cfg: KardConfig, run: RunDir, init_model: str, *, resume: boo
     ds = reranker_dataset(cfg, run)
     n_rows = ds.count()
     model_config = {"init_model": init_model, "architecture": rc.architecture, "colbert_dim": rc.colbert_dim}
+    vectors_path = None
+    if rc.architecture == "bi_encoder":
+        model_config.update({"retrieval_weight": rc.retrieval_weight, "bi_scale": rc.bi_scale})
+        vectors_path = embed_candidates(cfg, run, init_model)
     if rc.lora.r:
         model_config["lora"] = lora_settings(rc.lora)
     plan = make_plan(rc, n_rows, model_config)
-    task = reranker_task(rc, init_model, plan.total_steps, cfg.seed)
+    task = reranker_task(rc, init_model, plan.total_steps, cfg.seed, vectors_path)
     out = run.model("reranker")
     result = train(task, ds, rc, output_dir=out, storage_path=cfg.resources.storage_path or run.checkpoints,
                    name="reranker", model_config=model_config, seed=cfg.seed, resume=resume, fail_at_step=fail_at_step,

@@ -45,6 +45,9 @@ EXAMPLES_SCHEMA = pa.schema([
     ("silver", pa.list_(pa.float32())),  # BM25(rationale, candidate)
     ("from_rationale", pa.list_(pa.bool_())),  # in the rationale's top-K
     ("from_question", pa.list_(pa.bool_())),  # in the question's top-K
+    # the retriever's score for the question: its own where the passage is in the question's top-K, else
+    # the lowest of that list (ranked below it); what a bi-encoder with a retrieval weight adds at inference
+    ("question_scores", pa.list_(pa.float32())),
 ])
 
 INPUT_SCHEMA = pa.schema([("question_id", pa.string()), ("sample", pa.int64()), ("query", pa.string()),
@@ -107,6 +110,13 @@ def _list_column(values: pa.Array, lengths: list[int]) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, values)
 
 
+def _question_scores(pool: np.ndarray, q_rows: np.ndarray, q_scores: np.ndarray) -> np.ndarray:
+    """Each pool member's retrieval score for the question; members outside its top-K get the list's lowest."""
+    found = dict(zip(np.asarray(q_rows).tolist(), np.asarray(q_scores, np.float32).tolist()))
+    floor = float(np.min(q_scores)) if len(q_scores) else 0.0
+    return np.asarray([found.get(r, floor) for r in pool.tolist()], np.float32)
+
+
 class MineBatch:
     """Ray Data actor: one Retriever (index loaded once); a batch of rationales -> reranker examples."""
 
@@ -124,7 +134,7 @@ class MineBatch:
         unique_q = list(dict.fromkeys(queries))  # several rationales share one question
         q_hits = dict(zip(unique_q, self.retriever.search_rows(unique_q, self.k)))
 
-        keep, pools, silvers, from_r, from_q = [], [], [], [], []
+        keep, pools, silvers, from_r, from_q, q_scores = [], [], [], [], [], []
         for i, (rationale, query) in enumerate(zip(rationales, queries)):
             r = _nonzero(r_rows[i], r_scores[i])
             q = _nonzero(*q_hits[query])
@@ -140,6 +150,7 @@ class MineBatch:
             silvers.append(silver)
             from_r.append(np.arange(len(pool)) < len(r))
             from_q.append(np.asarray([x in q_set for x in pool.tolist()], dtype=bool))
+            q_scores.append(_question_scores(pool, *q_hits[query]))
 
         lengths = [len(p) for p in pools]
         taken = bm25.store.take(np.concatenate(pools) if pools else np.zeros(0, np.int64))
@@ -156,6 +167,7 @@ class MineBatch:
             "silver": _list_column(pa.array(cat(silvers, np.float32), pa.float32()), lengths),
             "from_rationale": _list_column(pa.array(cat(from_r, bool), pa.bool_()), lengths),
             "from_question": _list_column(pa.array(cat(from_q, bool), pa.bool_()), lengths),
+            "question_scores": _list_column(pa.array(cat(q_scores, np.float32), pa.float32()), lengths),
         }, schema=EXAMPLES_SCHEMA)
 
 
