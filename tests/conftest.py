@@ -134,10 +134,13 @@ FAMILY_RUNS = {  # fixture -> (config, test-size overrides, env var naming a run
 # other's training: 1,119 s for both, against 1,566 s one after the other at 1,200 steps (README "Tests").
 # One core each, because two two-thread processes on two cores stall each other. A run started alone keeps
 # the config's two threads.
-CONCURRENT_OVERRIDES = ["student.cpus_per_worker=1"]
+CONCURRENT_OVERRIDES = ["student.cpus_per_worker=1", "student.num_workers=0"]
+# the students then train in the CLI's own process (Ray Train's local mode; the Ray Train worker path is
+# tested in test_training_ray, test_retrain, test_distributed), whose torch gets one thread
+CONCURRENT_ENV = {"OMP_NUM_THREADS": "1"}
 
 
-def _start_demo_cli(config: str, overrides: list[str], run_dir: str):
+def _start_demo_cli(config: str, overrides: list[str], run_dir: str, env_extra: dict | None = None):
     """The real CLI (`python jobs/distill.py`), as a user runs the demo, in its own process with its own
     embedded Ray; stdout and stderr together go to `<run_dir>.console.txt`."""
     import subprocess
@@ -145,7 +148,7 @@ def _start_demo_cli(config: str, overrides: list[str], run_dir: str):
 
     cmd = [sys.executable, str(REPO / "jobs" / "distill.py"), "--config", str(REPO / "configs" / config),
            *overrides, f"run_dir={run_dir}"]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
     env.pop("KARD_VERBOSE", None)
     console = open(run_dir.rstrip("/") + ".console.txt", "w")
     return subprocess.Popen(cmd, cwd=REPO, stdout=console, stderr=subprocess.STDOUT, text=True, env=env), console
@@ -167,13 +170,14 @@ def family_runs(request, tmp_path_factory) -> dict:
     """{fixture name: (config, manifest)} of the test-size runs this session's tests use, started together.
     KARD_TEST_DEMO_RUN_DIR / KARD_TEST_PEOPLE_RUN_DIR reuse a run directory (finished stages are skipped)."""
     wanted = [name for name in FAMILY_RUNS if any(name in item.fixturenames for item in request.session.items)]
-    extra = CONCURRENT_OVERRIDES if len(wanted) > 1 else []
+    extra, env = (CONCURRENT_OVERRIDES, CONCURRENT_ENV) if len(wanted) > 1 else ([], {})
     started = {}
     try:
         for name in wanted:
             config, overrides, env_var = FAMILY_RUNS[name]
             run_dir = os.environ.get(env_var) or str(tmp_path_factory.mktemp(name))
-            started[name] = (*_start_demo_cli(config, overrides + extra, run_dir), config, overrides + extra, run_dir)
+            started[name] = (*_start_demo_cli(config, overrides + extra, run_dir, env), config, overrides + extra,
+                             run_dir)
         return {name: _finished_run(*args) for name, args in started.items()}
     finally:  # a run that failed or timed out stops the other too
         for proc, console, *_ in started.values():
