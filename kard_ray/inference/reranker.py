@@ -12,9 +12,10 @@ Three architectures over any HF encoder (name or path):
   (raw dot products, as in the authors' code, which found them slightly better than cosine).
 * `bi_encoder`: a trained query encoder against a frozen copy of the starting encoder for passages
   (mean-pooled, L2-normalised): score = bi_scale * cos(query, passage), plus, with a `retrieval_weight`,
-  that weight * the first-stage retrieval score standardised over the candidate list (`standardise`). The frozen passage side lets training embed every candidate once, so thousands of
-  question-side steps fit on a CPU; the retrieval term lets the model learn what to add to BM25's order
-  instead of replacing it.
+  that weight * the first-stage retrieval score standardised over the candidate list (`standardise`).
+  The frozen passage side lets training embed every candidate once, so thousands of question-side
+  steps fit on a CPU; the retrieval term lets the model learn what to add to BM25's order instead of
+  replacing it. `Reranker` keeps the passage vectors it computed (an LRU by passage string).
 
 Training (`kard_ray.training.reranker`) and inference (`Reranker`, and `rerank_dataset` on Ray Data)
 tokenise through the same two functions, `encode_pairs` and `encode_texts`, so a model sees at

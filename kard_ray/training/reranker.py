@@ -12,7 +12,8 @@ and measured by `kard_ray.evaluation.reranker` (Hits@k of the silver passage).
 
 Training step (one `TrainTask` on `kard_ray.training.core`, the same loop, strategies, checkpoints
 and export as the student): the collate function tokenises each example's whole candidate pool (in
-Ray Data's prefetch thread); the loss function then samples `n_from_rationale` candidates from the
+Ray Data's prefetch thread; for the bi-encoder it looks up the frozen vectors `embed_candidates`
+computed once, before training, instead of tokenising passages); the loss function then samples `n_from_rationale` candidates from the
 rationale's top-K and `n_from_question` from the question's top-K (distinct passages; topped up from
 the rest of the pool when the lists overlap) with an RNG keyed by (seed, step, example), so a resumed
 run samples exactly what an uninterrupted one would, and scores only those. Loss over the sampled
@@ -175,7 +176,8 @@ class RerankCollate:
             from_r[i, :n] = np.asarray(batch["from_rationale"][i], bool)
             from_q[i, :n] = np.asarray(batch["from_question"][i], bool)
             if self.architecture != "bi_encoder":
-                passages += [format_passage(t, x) for t, x in zip(batch["candidate_titles"][i], batch["candidate_texts"][i])]
+                passages += [format_passage(t, x)
+                             for t, x in zip(batch["candidate_titles"][i], batch["candidate_texts"][i])]
         keys = np.array([example_key(q, s) for q, s in zip(batch["question_id"], batch["sample"])], np.int64)
         out = {"silver": silver, "question_scores": q_scores, "pool_mask": mask, "from_rationale": from_r,
                "from_question": from_q, "pool_size": sizes, "key": keys}
@@ -341,7 +343,8 @@ class EmbedPassages:
         self.max_length, self.batch_size = max_length, batch_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        texts = [format_passage(t, x) for t, x in zip(batch.column("title").to_pylist(), batch.column("text").to_pylist())]
+        texts = [format_passage(t, x)
+                 for t, x in zip(batch.column("title").to_pylist(), batch.column("text").to_pylist())]
         out = []
         for s in range(0, len(texts), self.batch_size):
             enc = {k: torch.from_numpy(v) for k, v in encode_texts(self.tokenizer, texts[s:s + self.batch_size],
