@@ -131,7 +131,8 @@ FAMILY_RUNS = {  # fixture -> (config, test-size overrides, env var naming a run
     "people_run": ("demo_people.yaml", PEOPLE_TEST_OVERRIDES, "KARD_TEST_PEOPLE_RUN_DIR"),
 }
 # Both families at once, one core each, so one run's Ray start-up, data stages and evaluation overlap the
-# other's training: 1,119 s for both, against 1,566 s one after the other at 1,200 steps (README "Tests").
+# other's training: 1,119 s for both, against 1,566 s one after the other at 1,200 steps; 983 s with the
+# students in the CLI's process (README "Tests").
 # One core each, because two two-thread processes on two cores stall each other. A run started alone keeps
 # the config's two threads.
 CONCURRENT_OVERRIDES = ["student.cpus_per_worker=1", "student.num_workers=0"]

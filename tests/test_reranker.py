@@ -231,6 +231,34 @@ def test_bi_encoder_scores_are_scaled_cosine_plus_weighted_standardised_retrieva
         rr.rerank(q, passages, first_stage[:2])
 
 
+def test_served_reranker_hands_a_bi_encoder_the_retrieval_scores(ray_session, tiny_bert_dir, tmp_path):
+    """The Serve Reranker deployment's class (called directly, as a replica does) passes each candidate's
+    retrieval `score` to the model: its order equals `Reranker.rerank` with those scores, and moving one
+    candidate's retrieval score moves it in the served order."""
+    import asyncio
+
+    from kard_ray.inference.reranker import build_reranker, save_reranker
+    from kard_ray.models import load_tokenizer
+    from kard_ray.serve import deployments
+
+    out = str(tmp_path / "bi")
+    save_reranker(build_reranker("bi_encoder", tiny_bert_dir, retrieval_weight=5.0, bi_scale=2.0), out,
+                  load_tokenizer(tiny_bert_dir), {"max_query_length": 32})
+    cfg = config_from_dict({"reranker": {"max_length": 64}}, [])
+    replica = deployments.Reranker.func_or_class(out, cfg)
+    q = "What is the main export of Brax? salt tin"
+    found = [{"id": f"p{i}", "title": t, "text": x, "score": s} for i, (t, x, s) in enumerate(
+        [("Brax", "The main export of Brax is salt.", 9.0), ("Tolm", "Tolm sells tin.", 7.0),
+         ("Brax", "Brax has a river.", 3.0), ("Ulm", "Ulm makes glass.", 1.0)])]
+    served = asyncio.run(replica.rerank(q, found, 4))
+    rr = Reranker.from_dir(out, max_length=64)
+    want = rr.rerank(q, [f"{p['title']} . {p['text']}" for p in found], [p["score"] for p in found])
+    assert [p["id"] for p in served] == [found[i]["id"] for i in np.argsort(-want, kind="stable")]
+    assert [p["score"] for p in served] == pytest.approx(sorted(want.tolist(), reverse=True), rel=1e-4, abs=1e-4)
+    boosted = [dict(p, score=50.0) if p["id"] == "p3" else p for p in found]
+    assert asyncio.run(replica.rerank(q, boosted, 1))[0]["id"] == "p3"
+
+
 # ------------------------------------------------------------------------------------------------
 # mining on the synthetic task
 
