@@ -132,12 +132,13 @@ FAMILY_RUNS = {  # fixture -> (config, test-size overrides, env var naming a run
 }
 # Both families at once, one core each, so one run's Ray start-up, data stages and evaluation overlap the
 # other's training: 1,119 s for both, against 1,566 s one after the other at 1,200 steps; 983 s with the
-# students in the CLI's process (README "Tests").
+# students in the CLI's process; 713 s (in a run of these two tests alone) with the rerankers there too
+# (README "Tests").
 # One core each, because two two-thread processes on two cores stall each other. A run started alone keeps
 # the config's two threads.
-CONCURRENT_OVERRIDES = ["student.cpus_per_worker=1", "student.num_workers=0"]
-# the students then train in the CLI's own process (Ray Train's local mode; the Ray Train worker path is
-# tested in test_training_ray, test_retrain, test_distributed), whose torch gets one thread
+CONCURRENT_OVERRIDES = ["student.cpus_per_worker=1", "student.num_workers=0", "reranker.num_workers=0"]
+# the students and rerankers then train in the CLI's own process (Ray Train's local mode; the Ray Train worker
+# path is tested in test_training_ray, test_retrain, test_distributed), whose torch gets one thread
 CONCURRENT_ENV = {"OMP_NUM_THREADS": "1"}
 
 
