@@ -43,6 +43,7 @@ import torch
 
 from kard_ray import io
 from kard_ray.inference.formats import top_k
+from kard_ray.knowledge.dense import mean_pool
 
 META_FILE = "kard_reranker.json"
 COLBERT_HEAD_FILE = "colbert_linear.safetensors"
@@ -217,16 +218,6 @@ def standardise(scores: torch.Tensor, mask: Optional[torch.Tensor] = None) -> to
     std = var.sqrt()
     std = torch.where(std > 1e-6, std, torch.ones_like(std))
     return torch.where(mask, (scores - mean) / std, torch.zeros_like(scores))
-
-
-def mean_pool(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-              token_type_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """L2-normalised mean of the token states over real tokens, [n, hidden] (sentence-transformers' pooling)."""
-    kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
-    states = encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state
-    m = attention_mask.unsqueeze(-1).to(states.dtype)
-    pooled = (states * m).sum(dim=1) / m.sum(dim=1).clamp(min=1)
-    return torch.nn.functional.normalize(pooled.float(), dim=-1)
 
 
 class BiEncoder(torch.nn.Module):

@@ -41,6 +41,17 @@ FORMAT_VERSION = 1
 # encoder
 
 
+def mean_pool(encoder, input_ids, attention_mask, token_type_ids=None):
+    """L2-normalised fp32 mean of an encoder's token states over real tokens, [n, hidden] (sentence-transformers'
+    pooling): the dense index's passages and queries, and the bi-encoder reranker's both sides."""
+    import torch
+
+    kw = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+    states = encoder(input_ids=input_ids, attention_mask=attention_mask, **kw).last_hidden_state.float()
+    mask = attention_mask.unsqueeze(-1).to(states.dtype)
+    return torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1).clamp(min=1.0), dim=-1)
+
+
 class Encoder:
     """An HF encoder (AutoModel + AutoTokenizer) that turns texts into L2-normalised vectors."""
 
@@ -81,13 +92,10 @@ class Encoder:
                                  max_length=self.max_length, return_tensors="pt")
             enc = {k: v.to(self.device) for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
             with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                hidden = self.model(**enc).last_hidden_state.float()
                 if self.pooling == "cls":
-                    vec = hidden[:, 0]
+                    vec = torch.nn.functional.normalize(self.model(**enc).last_hidden_state[:, 0].float(), dim=-1)
                 else:
-                    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    vec = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-                vec = torch.nn.functional.normalize(vec.float(), dim=-1)
+                    vec = mean_pool(self.model, **enc)
             out[idx] = vec.cpu().numpy()
         return out
 

@@ -183,12 +183,12 @@ class RerankCollate:
                "from_question": from_q, "pool_size": sizes, "key": keys}
         if self.architecture == "cross_encoder":
             out.update(encode_pairs(tok, np.repeat(queries, sizes).tolist(), passages, self.max_length))
-        elif self.architecture == "bi_encoder":
-            out.update({f"q_{k}": v for k, v in encode_texts(tok, queries, self.max_query_length).items()})
-            out["d_vectors"] = self.passage_vectors(ids)
         else:
             out.update({f"q_{k}": v for k, v in encode_texts(tok, queries, self.max_query_length).items()})
-            out.update({f"d_{k}": v for k, v in encode_texts(tok, passages, self.max_length).items()})
+            if self.architecture == "bi_encoder":
+                out["d_vectors"] = self.passage_vectors(ids)
+            else:
+                out.update({f"d_{k}": v for k, v in encode_texts(tok, passages, self.max_length).items()})
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
 
 
@@ -319,40 +319,29 @@ def reranker_dataset(cfg: KardConfig, run: RunDir):
     if not io.exists(run.examples("reranker")):
         raise FileNotFoundError(f"{run.examples('reranker')}: no mined reranker examples (run the `mine` stage, "
                                 "or kard_ray.training.reranker_mining.mine_candidates, first)")
+    columns = train_columns(cfg.reranker.architecture)
     have = io.read_schema(run.examples("reranker")).names
-    missing = [c for c in train_columns(cfg.reranker.architecture) if c not in have]
+    missing = [c for c in columns if c not in have]
     if missing:
         raise ValueError(f"{run.examples('reranker')}: no column {missing[0]!r}; these examples were mined by an "
                          "older kard-ray: mine again (python jobs/distill.py --from-stage mine ...)")
-    columns = train_columns(cfg.reranker.architecture)
     ds = ordered(ray.data.read_parquet(run.examples("reranker"), file_extensions=["parquet"]).select_columns(columns))
     return ordered(ds.random_shuffle(seed=cfg.seed)).materialize()
 
 
 class EmbedPassages:
-    """Ray Data actor: the frozen passage encoder of a fresh bi-encoder, exactly as `Reranker` embeds passages."""
+    """Ray Data actor: a bi-encoder's frozen passage side, which is its starting encoder under mean pooling —
+    the dense layer's `Encoder` (the same tokenisation, pooling and bf16 autocast as `Reranker` at inference)."""
 
-    def __init__(self, init_model: str, max_length: int, batch_size: int, num_threads: int, cpu_bf16: bool):
-        from kard_ray.inference.reranker import BiEncoder
-        from kard_ray.models import cpu_has_native_bf16
+    def __init__(self, init_model: str, max_length: int, num_threads: int, cpu_bf16: bool):
+        from kard_ray.knowledge.dense import Encoder
 
-        torch.set_num_threads(max(1, num_threads))
-        self.autocast = cpu_bf16 and cpu_has_native_bf16()  # as `Reranker` embeds them at inference
-        self.model = BiEncoder.from_pretrained(init_model, None, 1.0).eval()
-        self.tokenizer = load_reranker_tokenizer(init_model)
-        self.max_length, self.batch_size = max_length, batch_size
+        self.encoder = Encoder(init_model, "mean", max_length, num_threads=num_threads, cpu_bf16=cpu_bf16)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         texts = [format_passage(t, x)
                  for t, x in zip(batch.column("title").to_pylist(), batch.column("text").to_pylist())]
-        out = []
-        for s in range(0, len(texts), self.batch_size):
-            enc = {k: torch.from_numpy(v) for k, v in encode_texts(self.tokenizer, texts[s:s + self.batch_size],
-                                                                    self.max_length).items()}
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
-                out.append(self.model.encode_passages(enc["input_ids"], enc["attention_mask"],
-                                                      enc.get("token_type_ids")).float().numpy())
-        vectors = np.concatenate(out).astype(np.float32)
+        vectors = self.encoder.encode(texts)
         return pa.table({"id": batch.column("id"),
                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])})
 
@@ -377,7 +366,7 @@ def embed_candidates(cfg: KardConfig, run: RunDir, init_model: str) -> str:
     ds = ray.data.from_arrow(pa.table(rows)).repartition(max(1, 4 * rc.num_actors)).map_batches(
         EmbedPassages, batch_format="pyarrow", batch_size=256, compute=ray.data.ActorPoolStrategy(size=rc.num_actors),
         num_cpus=rc.num_cpus_per_actor, fn_constructor_kwargs={
-            "init_model": init_model, "max_length": rc.max_length, "batch_size": 64,
+            "init_model": init_model, "max_length": rc.max_length,
             "num_threads": max(1, math.floor(rc.num_cpus_per_actor)), "cpu_bf16": rc.cpu_bf16})
     ds.write_parquet(out if io.is_uri(out) else io.resolve(out)[1])
     say(f"[reranker] embedded {len(seen)} distinct candidate passages with the frozen passage encoder -> {out}")
