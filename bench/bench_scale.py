@@ -138,6 +138,7 @@ def bench_bm25(rep, run, args, n: int, queries: list[str]) -> None:
     cores = min(os.cpu_count() or 1, len(sharded.actors))
     rep.fig("bm25 batched q/s (256 per call, shard actors)", round(len(queries) / dt, 1), "q/s")
     rep.fig("bm25 batched q/s per core", round(len(queries) / dt / cores, 1), "q/s")
+    prune_vs_full(rep, run, queries[:256])
     one = queries[:args.single_queries]
     _, dt = common.timed(lambda: [retriever.search([q], 10) for q in one])
     rep.fig("retriever one-at-a-time q/s (Serve path)", round(len(one) / dt, 1), "q/s")
@@ -163,6 +164,27 @@ def bench_bm25(rep, run, args, n: int, queries: list[str]) -> None:
         rep.fig("exactness: shard hits score the same in the single index", pair_ok)
     for a in sharded.actors:
         ray.kill(a)
+
+
+def prune_vs_full(rep, run, queries: list[str]) -> None:
+    """In this process, one thread: MaxScore-pruned top-10 vs scoring every passage (bm25s's way, with a
+    fancy-index add), on the same shards; both must give the same rows and scores."""
+    from kard_ray.knowledge.sharded import ShardedBM25
+
+    local = ShardedBM25(run.bm25_index)  # all shards memory-mapped here
+    out = {}
+    for prune in (True, False):
+        for idx in local.local.shards.values():
+            idx.prune = prune
+        local.search_rows(queries[:8], 10)  # warm (page in, upper bounds)
+        res, dt = common.timed(lambda: local.search_rows(queries, 10))
+        out[prune] = res
+        rep.fig(f"bm25 q/s in-process, 1 thread, {'pruned (MaxScore)' if prune else 'full scoring'}",
+                round(len(queries) / dt, 1), "q/s")
+    same = all(np.array_equal(a, b) for a, b in zip(out[True], out[False]))
+    rep.fig("pruned top-10 == full-scoring top-10 (rows and scores)", same)
+    if not same:
+        raise AssertionError("pruned BM25 top-10 differs from full scoring")
 
 
 def bench_dense(rep, run, args) -> None:

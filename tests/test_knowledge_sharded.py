@@ -110,3 +110,33 @@ def test_serve_retriever_over_shard_actors_equals_batch_retrieve(ray_session, sl
         assert ids == [h["id"] for h in hits], q
         np.testing.assert_array_equal(np.float32(scores), np.float32([h["score"] for h in hits]))
         assert all(isinstance(h["text"], str) and h["text"] for h in hits)
+
+
+@pytest.mark.parametrize("k", [1, 10, 100])
+def test_pruned_top_k_equals_scoring_every_passage(slice_run, k):
+    """MaxScore pruning (bm25.exact_top_k) returns what scoring every passage with bm25s returns: the same
+    float32 scores, and the same rows with equal scores in the smaller row first -- while scoring only a
+    fraction of the passages the query matches."""
+    from kard_ray.knowledge import BM25Index
+    from kard_ray.knowledge.bm25 import PostingLists, exact_top_k
+
+    run, rows = slice_run
+    index = BM25Index.build(io.read_table(run.passages), BM25Config())
+    lists = PostingLists.of(index.bm25)
+    rng = random.Random(2)
+    queries = _queries(rows)[:200] + [
+        " ".join(rng.choice(rows)["text"].split()[:n]) for n in (1, 2, 3, 30)] + [
+        "river river river bank", "Paris", "qqqzzzunknownterm", "the of and"]  # repeats, stopwords only
+    pruned_some = 0
+    for q in queries:
+        qids = index.query_token_ids(q)
+        full = index.bm25.get_scores_from_ids(qids) if qids else np.zeros(len(index), np.float32)
+        want = np.lexsort((np.arange(len(full)), -full))[:k]  # by score, then the smaller row
+        for prune in (True, False):
+            got_rows, got_scores = exact_top_k(lists, qids, k, prune=prune)
+            np.testing.assert_array_equal(got_scores, full[want], err_msg=q)
+            np.testing.assert_array_equal(got_rows, want, err_msg=q)
+            if prune and qids:
+                matched = np.count_nonzero(full)
+                pruned_some += lists.scored < matched
+    assert pruned_some > 0.5 * len(queries)  # the pruned path really skipped passages (k=100: 58%)
