@@ -389,7 +389,8 @@ class TrainingConfig:
 
 @dataclass
 class StudentConfig(TrainingConfig):
-    model: str = _f("tiny", "Seq2seq student: HF name or path (e.g. google/flan-t5-base), or `tiny` to build a small T5 locally.")
+    model: str = _f("tiny", "Student: HF name or path of a seq2seq (e.g. google/flan-t5-base) or decoder-only model (e.g. Qwen/Qwen2.5-0.5B-Instruct), or `tiny` to build a small one locally.")
+    architecture: Literal["auto", "seq2seq", "causal"] = _f("auto", "auto: read from the model's config (decoder-only is causal; `tiny` builds a T5). causal: prompt + completion with the prompt masked out of the loss (`tiny` builds a Llama-style decoder). Set explicitly, it must match the model.")
     tiny: TinyModelConfig = _f(TinyModelConfig(), "Sizes when model=tiny.")
     n_knowledge: int = _f(1, "Passages retrieved with the rationale and attached to each training example.")
     max_source_length: int = _f(512, "Source tokens (question + options + knowledge); longer is truncated.")

@@ -20,19 +20,22 @@ BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 def train_tokenizer(texts: Iterable[str], vocab_size: int, kind: str = "t5"):
     """A byte-level BPE tokenizer trained on `texts`, wrapped as a PreTrainedTokenizerFast.
 
-    kind="t5": appends </s> to every sequence (seq2seq student). kind="bert": [CLS] a [SEP] b [SEP]
-    with token type ids (encoders: reranker, embedder).
+    kind="t5": appends </s> to every sequence (seq2seq student). kind="causal": adds nothing (a causal
+    student's prompt and completion are joined by the caller, which appends </s> to the completion).
+    kind="bert": [CLS] a [SEP] b [SEP] with token type ids (encoders: reranker, embedder).
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = T5_SPECIALS if kind == "t5" else BERT_SPECIALS
-    tok = Tokenizer(models.BPE(unk_token=specials[2] if kind == "t5" else specials[1]))
+    specials = BERT_SPECIALS if kind == "bert" else T5_SPECIALS
+    tok = Tokenizer(models.BPE(unk_token=specials[1] if kind == "bert" else specials[2]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(list(texts), trainer=trainer)
+    if kind == "causal":
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     if kind == "t5":
         tok.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))])
@@ -57,6 +60,19 @@ def build_tiny_t5(tokenizer, cfg: TinyModelConfig):
     return T5ForConditionalGeneration(config)
 
 
+def build_tiny_causal(tokenizer, cfg: TinyModelConfig):
+    """A Llama-architecture decoder (RMSNorm, rotary positions, SwiGLU): what Qwen2.5 / Llama-3.2 /
+    SmolLM2 students are, at the demo's size."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.d_model, intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
+        max_position_embeddings=2048, tie_word_embeddings=True, attention_dropout=0.0,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    return LlamaForCausalLM(config)
+
+
 def build_tiny_encoder(tokenizer, cfg: TinyModelConfig):
     from transformers import BertConfig, BertModel
 
@@ -68,15 +84,19 @@ def build_tiny_encoder(tokenizer, cfg: TinyModelConfig):
 
 
 def save_tiny_model(kind: str, texts: Iterable[str], cfg: TinyModelConfig, out_dir: str, seed: int = 0) -> str:
-    """Train a tokenizer on `texts`, build a tiny T5 (`kind="t5"`) or BERT (`"bert"`) and save both.
+    """Train a tokenizer on `texts`, build a tiny T5 (`kind="t5"`), Llama-style decoder (`"causal"`) or
+    BERT (`"bert"`) and save both.
 
     Returns `out_dir`, ready for `from_pretrained(out_dir)`. Deterministic for a seed.
     """
     import torch
 
     torch.manual_seed(seed)
-    tokenizer = train_tokenizer(texts, cfg.vocab_size, kind="t5" if kind == "t5" else "bert")
-    model = build_tiny_t5(tokenizer, cfg) if kind == "t5" else build_tiny_encoder(tokenizer, cfg)
+    if kind not in ("t5", "causal", "bert"):
+        raise ValueError(f"tiny model kind {kind!r}: expected t5, causal or bert")
+    tokenizer = train_tokenizer(texts, cfg.vocab_size, kind=kind)
+    build = {"t5": build_tiny_t5, "causal": build_tiny_causal, "bert": build_tiny_encoder}[kind]
+    model = build(tokenizer, cfg)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -128,6 +148,24 @@ def load_seq2seq(name_or_path: str, **kw):
     from transformers import AutoModelForSeq2SeqLM
 
     return AutoModelForSeq2SeqLM.from_pretrained(model_path(name_or_path), **kw)
+
+
+def load_causal_lm(name_or_path: str, **kw):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path(name_or_path), **kw)
+
+
+def is_causal_lm(name_or_path: str) -> bool:
+    """Whether a student is decoder-only (read from its config: not `is_encoder_decoder`)."""
+    from transformers import AutoConfig
+
+    return not getattr(AutoConfig.from_pretrained(model_path(name_or_path)), "is_encoder_decoder", False)
+
+
+def load_student(name_or_path: str, **kw):
+    """A student of either architecture: a causal LM when its config is decoder-only, else seq2seq."""
+    return (load_causal_lm if is_causal_lm(name_or_path) else load_seq2seq)(name_or_path, **kw)
 
 
 def load_encoder(name_or_path: str, **kw):

@@ -244,10 +244,25 @@ def _stage_reranker(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     return out
 
 
+def student_init(cfg: KardConfig, run: io.RunDir) -> str:
+    """The student's starting model (built for `tiny`: a T5, or a Llama-style decoder when
+    student.architecture is causal), checked against student.architecture."""
+    kind = "causal" if cfg.student.architecture == "causal" else "t5"
+    init = resolve_model(cfg.student.model, cfg.student.tiny, run, kind, cfg.seed, prompt_dataset=cfg.data.dataset)
+    if cfg.student.architecture != "auto" and cfg.student.model != "tiny":
+        from kard_ray.models import is_causal_lm
+
+        found = "causal" if is_causal_lm(init) else "seq2seq"
+        if found != cfg.student.architecture:
+            raise ValueError(f"student.architecture={cfg.student.architecture} but {cfg.student.model} is a "
+                             f"{found} model (set student.architecture: auto or {found})")
+    return init
+
+
 def _stage_student(cfg: KardConfig, run: io.RunDir, resume: bool) -> dict:
     from kard_ray.training.student import train_student
 
-    init = resolve_model(cfg.student.model, cfg.student.tiny, run, "t5", cfg.seed, prompt_dataset=cfg.data.dataset)
+    init = student_init(cfg, run)
     out = {}
     for v in variants(cfg):
         r = train_student(cfg, run, v, init, resume=resume)

@@ -104,6 +104,15 @@ def tiny_t5_dir(tmp_path_factory, synthetic_task, tiny_cfg) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory, synthetic_task, tiny_cfg) -> str:
+    """A tiny Llama-style decoder-only student + BPE tokenizer trained on the synthetic task."""
+    from kard_ray.data.synthetic import task_texts
+    from kard_ray.models import save_tiny_model
+
+    return save_tiny_model("causal", task_texts(synthetic_task), tiny_cfg, str(tmp_path_factory.mktemp("tiny_causal")))
+
+
+@pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, synthetic_task, tiny_cfg) -> str:
     """A tiny BERT encoder + tokenizer (reranker / embedder tests)."""
     from kard_ray.data.synthetic import task_texts

@@ -7,6 +7,7 @@ target strings, their suffix-preserving tokenisation, and the one stable top-k o
     format_target(rationale, letter, answer_text)    the student's training target
     generation_rationale(generation)                 the rationale part of a generated target
     encode_sources(tokenizer, sources, max_length)   truncation shared by training and inference
+    encode_prompts / encode_completions              the same for a decoder-only (causal) student
 
 The passage string ("Title . text") is the knowledge layer's `kard_ray.knowledge.format_passage`.
 Training imports these from here; nothing here imports training.
@@ -114,14 +115,15 @@ _RE_FIRST_ANSWER = re.compile(r"(?im)(?:^|(?<=[.!?])[ \t]+)[ \t]*answer\s*:")
 # tokenisation
 
 
-def encode_sources(tokenizer, sources: Sequence[str], max_length: int) -> list[list[int]]:
+def encode_sources(tokenizer, sources: Sequence[str], max_length: int,
+                   add_special_tokens: bool = True) -> list[list[int]]:
     """Token ids of each source, at most `max_length`, truncating the *middle*.
 
     A source that fits is tokenised exactly as `tokenizer(source)` would. A longer one loses the end
     of its question/knowledge text while the "\\nExplanation:" suffix and the end-of-sequence token
     survive — truncating the tail instead would delete the cue that makes the student explain.
     """
-    enc = tokenizer(list(sources), add_special_tokens=True, truncation=False,
+    enc = tokenizer(list(sources), add_special_tokens=add_special_tokens, truncation=False,
                     return_offsets_mapping=tokenizer.is_fast, verbose=False)
     out = []
     for i, (src, ids) in enumerate(zip(sources, enc["input_ids"])):
@@ -141,3 +143,47 @@ def encode_sources(tokenizer, sources: Sequence[str], max_length: int) -> list[l
     return out
 
 
+
+
+# ------------------------------------------------------------------------------------------------
+# decoder-only (causal) students: prompt + completion
+#
+# A causal student reads the same source and writes the same target as a seq2seq one, as one sequence:
+# the prompt (the source, in the model's chat template as a user turn when its tokenizer has one) and the
+# completion (the target and the end-of-sequence token). Training masks the prompt out of the loss;
+# inference generates after the prompt. Both encode with these two functions.
+
+
+def uses_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def causal_prompt(tokenizer, source: str) -> str:
+    """The prompt text of a source: a user turn with the assistant's turn opened (chat template), or the
+    source itself."""
+    if uses_chat_template(tokenizer):
+        return tokenizer.apply_chat_template([{"role": "user", "content": source}], tokenize=False,
+                                             add_generation_prompt=True)
+    return source
+
+
+def encode_prompts(tokenizer, sources: Sequence[str], max_length: int) -> list[list[int]]:
+    """Prompt token ids, at most `max_length`, truncated as `encode_sources` truncates: the end of the
+    knowledge goes; the instruction, question, options and the "Explanation:" cue (and the template's
+    assistant turn after it) stay. A chat template writes its own BOS text, so none is added to it."""
+    texts = [causal_prompt(tokenizer, s) for s in sources]
+    return encode_sources(tokenizer, texts, max_length, add_special_tokens=not uses_chat_template(tokenizer))
+
+
+def encode_completions(tokenizer, targets: Sequence[str], max_length: Optional[int] = None) -> list[list[int]]:
+    """Completion token ids: the target then EOS; cut to `max_length` (EOS kept) only when it is set.
+    Without a chat template the completion continues the prompt's line, so it starts with a space."""
+    lead = "" if uses_chat_template(tokenizer) else " "
+    ids = tokenizer([lead + t for t in targets], add_special_tokens=False, verbose=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("a causal student's tokenizer needs an eos_token (where a completion ends)")
+    out = [list(x) + [eos] for x in ids]
+    if max_length is None:
+        return out
+    return [x if len(x) <= max_length else x[: max_length - 1] + [eos] for x in out]

@@ -11,7 +11,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
-from kard_ray.inference.formats import answer_letter, encode_sources, format_source, format_target, generation_rationale
+from kard_ray.inference.formats import (answer_letter, encode_completions, encode_prompts, encode_sources, format_source,
+                                        format_target, generation_rationale)
 
 LETTERS = "ABCDEFGHIJ"
 
@@ -107,12 +108,12 @@ class StudentGenerator:
         """`reading`: how it decodes and reads answers (the keywords of `_configure`, with their defaults)."""
         import torch
 
-        from kard_ray.models import load_seq2seq, load_tokenizer
+        from kard_ray.models import load_student, load_tokenizer
 
         self.torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(model_dir)
-        self.model = load_seq2seq(model_dir).to(self.device).eval()
+        self.model = load_student(model_dir).to(self.device).eval()
         self._configure(dataset, resolve_max_new_tokens(model_dir, max_new_tokens), **reading)
 
     @classmethod
@@ -131,6 +132,7 @@ class StudentGenerator:
                    temperature: float = 0.7, max_source_length: int = 512, score_by: str = "letter_or_text",
                    seed: int = 0, variant: str = "kard") -> None:
         self.dataset = dataset
+        self.causal = not getattr(self.model.config, "is_encoder_decoder", False)  # a decoder-only student
         self.max_new_tokens = max_new_tokens
         self.variant = variant  # what its targets look like: "ft" answers alone, "kard"/"rd" rationale first
         self.decoding = decoding
@@ -144,6 +146,13 @@ class StudentGenerator:
     def source(self, question: str, options: list[str], passages: list[str] | None) -> str:
         return format_source(question, list(options), passages, self.dataset)
 
+    def encode(self, sources: list[str]) -> list[list[int]]:
+        """Token ids of each source, truncated exactly as training truncated it (a causal student's
+        prompt: the source in its chat template)."""
+        if self.causal:
+            return encode_prompts(self.tokenizer, sources, self.max_source_length)
+        return encode_sources(self.tokenizer, sources, self.max_source_length)
+
     def generate(self, sources: list[str], keys: list[str] | None = None) -> list[list[tuple[str, bool]]]:
         """`n_votes` (generation, truncated) pairs per source (one when greedy); truncated: it hit
         max_new_tokens before the end-of-sequence token.
@@ -152,7 +161,7 @@ class StudentGenerator:
         text — and each question is decoded on its own, so its votes never depend on which other
         questions share the batch: offline evaluation and Serve draw the same samples."""
         # Truncate exactly as training did (the middle goes, the "Explanation:" cue stays).
-        ids = encode_sources(self.tokenizer, sources, self.max_source_length)
+        ids = self.encode(sources)
         if self.decoding != "sample":
             return self._decode(ids, dict(do_sample=False, num_beams=1))
         out = []
@@ -167,19 +176,56 @@ class StudentGenerator:
 
     def _decode(self, ids: list[list[int]], kw: dict) -> list[list[tuple[str, bool]]]:
         """One generation per row of token ids, as [[(text, truncated)], ...]."""
-        enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
+        if self.causal:
+            enc = self._left_padded(ids)
+        else:
+            enc = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(self.device)
         with self.torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, **kw)
-        # (a seq2seq output starts with the decoder start token; a row that finished has its EOS)
+        # a seq2seq output starts with the decoder start token; a causal one with its prompt
+        out = out[:, enc["input_ids"].shape[1]:] if self.causal else out[:, 1:]
         eos = self.model.generation_config.eos_token_id
         eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
-        ended = [any(int(t) in eos for t in row[1:]) for row in out]
+        ended = [any(int(t) in eos for t in row) for row in out]
         texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return [[(t.strip(), not e)] for t, e in zip(texts, ended)]
 
+    def _left_padded(self, ids: list[list[int]]) -> dict:
+        """A causal batch padded on the left, so every row's next token follows its own prompt."""
+        torch = self.torch
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), int(pad), dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x):] = torch.tensor(x, dtype=torch.long)
+            mask[i, width - len(x):] = 1
+        return {"input_ids": input_ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def _causal_loglikelihoods(self, source_ids: list[int], targets: list[str]) -> list[float]:
+        torch = self.torch
+        completions = encode_completions(self.tokenizer, targets)
+        rows = [list(source_ids) + c for c in completions]
+        width = max(len(r) for r in rows)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
+        with torch.inference_mode():
+            logits = self.model(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+        out = []
+        for i, c in enumerate(completions):  # token t is predicted at position t - 1
+            pos = torch.arange(len(source_ids) - 1, len(source_ids) - 1 + len(c))
+            out.append(float(logp[i, pos, torch.tensor(c)].sum()))
+        return out
+
     def option_loglikelihoods(self, source_ids: list[int], targets: list[str]) -> list[float]:
         """The student's summed log-likelihood of each target given one source (teacher forcing; the
-        encoder runs once, the decoder once per target)."""
+        encoder runs once, the decoder once per target; a causal student reads prompt + completion)."""
+        if self.causal:
+            return self._causal_loglikelihoods(source_ids, targets)
         torch = self.torch
         labels = [self.tokenizer(t, add_special_tokens=True)["input_ids"] for t in targets]
         width = max(len(x) for x in labels)
@@ -216,7 +262,7 @@ class StudentGenerator:
 
         sources = [self.source(q, o, p) for q, o, p in zip(questions, options, passages)]
         keys = [question_key(q, o) for q, o in zip(questions, options)]
-        ids = encode_sources(self.tokenizer, sources, self.max_source_length) if self.score_by == "likelihood" else None
+        ids = self.encode(sources) if self.score_by == "likelihood" else None
         preds = []
         for i, (opts, gens) in enumerate(zip(options, self.generate(sources, keys))):
             parsed = [parse_prediction(g, list(opts)) for g, _ in gens]
