@@ -434,3 +434,22 @@ def test_node_types_have_the_same_shape_in_every_cluster_config():
         assert {t: v[:3] for t, v in groups.items()} == {t: v[:3] for t, v in aws.items()}, kind
         for t, (_, _, _, cpus) in groups.items():
             assert cpus <= aws[t][3], (kind, t, "a pod must fit the launcher's node of its type")
+
+
+def test_the_qwen_student_config_fits_the_clusters_gpu_nodes():
+    """configs/strategyqa_qwen.yaml (a decoder-only student on 4 GPU workers, DeepSpeed ZeRO-2, bf16) asks
+    for what the shipped clusters can start: its 4 workers fit on one gpu_multi node (NCCL inside a node)
+    or across gpu_small nodes, and each evaluation actor's GPUs fit one node."""
+    from kard_ray.config import load_config
+
+    cfg = load_config(str(ROOT / "configs" / "strategyqa_qwen.yaml"))
+    s = cfg.student
+    assert (s.architecture, s.strategy, s.zero_stage, s.bf16, s.use_gpu, s.num_workers) == ("causal", "deepspeed", 2,
+                                                                                              True, True, 4)
+    for name in LAUNCHER_CONFIGS:
+        types = _yaml(CLUSTER / name)["available_node_types"]
+        gpu = {t: v["resources"] for t, v in types.items() if v["resources"].get("GPU")}
+        per_node = {t: min(r["GPU"], r["CPU"] // s.cpus_per_worker) for t, r in gpu.items()}
+        assert any(n >= s.num_workers for n in per_node.values()), (name, per_node)
+        assert sum(n * types[t]["max_workers"] for t, n in per_node.items()) >= s.num_workers + cfg.eval.num_actors
+        assert max(r["GPU"] for r in gpu.values()) >= cfg.eval.num_gpus_per_actor, name

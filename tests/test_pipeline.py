@@ -98,6 +98,15 @@ def test_the_two_task_families_share_one_config_apart_from_data():
     assert demo == people
 
 
+def test_the_causal_demo_is_the_demo_with_a_decoder_only_student():
+    demo = load_config(str(REPO / "configs" / "demo.yaml")).to_dict()
+    causal = load_config(str(REPO / "configs" / "demo_causal.yaml")).to_dict()
+    assert causal["student"].pop("architecture") == "causal" and demo["student"].pop("architecture") == "auto"
+    for c in (demo, causal):
+        c.pop("run_dir")
+    assert demo == causal
+
+
 # A line of kard-ray's own: "[stage] ..." (stage names, student/evaluation names: letters, digits, _ . -)
 OWN_LINE = re.compile(r"^\[[a-z][\w.-]*( [a-z][\w.-]*)?\] ")
 
