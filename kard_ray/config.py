@@ -392,6 +392,7 @@ class StudentConfig(TrainingConfig):
     model: str = _f("tiny", "Student: HF name or path of a seq2seq (e.g. google/flan-t5-base) or decoder-only model (e.g. Qwen/Qwen2.5-0.5B-Instruct), or `tiny` to build a small one locally.")
     architecture: Literal["auto", "seq2seq", "causal"] = _f("auto", "auto: read from the model's config (decoder-only is causal; `tiny` builds a T5). causal: prompt + completion with the prompt masked out of the loss (`tiny` builds a Llama-style decoder). Set explicitly, it must match the model.")
     tiny: TinyModelConfig = _f(TinyModelConfig(), "Sizes when model=tiny.")
+    pack_tokens: int = _f(0, "Causal students: lay a micro-batch's examples end to end in rows of up to this many tokens (block-diagonal attention from restarted position ids; the same loss as unpacked, less padding); 0: one example per row.")
     n_knowledge: int = _f(1, "Passages retrieved with the rationale and attached to each training example.")
     max_source_length: int = _f(512, "Source tokens (question + options + knowledge); longer is truncated.")
     max_target_length: Optional[int] = _f(None, "Target tokens; null = never truncated.")
@@ -414,6 +415,9 @@ class StudentConfig(TrainingConfig):
         _check(self.validate_every_steps == 0 or self.strategy == "ddp", "student.validate_every_steps",
                "needs student.strategy=ddp (each rank decodes its share of the questions with the whole model)")
         _check(self.n_knowledge >= 1, "student.n_knowledge", "must be >= 1")
+        _check(self.pack_tokens >= 0, "student.pack_tokens", "must be >= 0")
+        _check(self.pack_tokens == 0 or self.architecture != "seq2seq", "student.pack_tokens",
+               "packing is for decoder-only students (student.architecture: causal)")
         _check(self.max_source_length >= 16, "student.max_source_length", "must be >= 16")
         _check(self.max_target_length is None or self.max_target_length >= 4, "student.max_target_length", "must be >= 4 or null")
         _check(self.ft_max_steps is None or self.ft_max_steps >= 1, "student.ft_max_steps", "must be >= 1 or null")

@@ -226,6 +226,47 @@ class CausalCollate:
                 "labels": torch.from_numpy(labels)}
 
 
+class CausalPackedCollate:
+    """Packing: the micro-batch's examples laid end to end in rows of up to `pack_tokens` tokens (first
+    fit, in order; an example longer than that gets a row of its own), position ids restarting at 0 for
+    each example. With no attention mask, transformers reads the restarts as packed sequences and builds a
+    block-diagonal causal mask, so no example attends to another; the token after a boundary is a prompt
+    token (label -100), so no loss crosses one either. Each row's tail is padding: a segment of its own."""
+
+    def __init__(self, pad_id: int, pack_tokens: int):
+        self.pad_id, self.pack_tokens = int(pad_id), int(pack_tokens)
+
+    def _rows(self, lengths: list[int]) -> list[list[int]]:
+        rows, used = [], []
+        for i, n in enumerate(lengths):
+            j = next((r for r, u in enumerate(used) if u + n <= self.pack_tokens), None)
+            if j is None:
+                rows.append([i])
+                used.append(n)
+            else:
+                rows[j].append(i)
+                used[j] += n
+        return rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        seqs, labs = batch["input_ids"], batch["labels"]
+        rows = self._rows([len(x) for x in seqs])
+        width = max(sum(len(seqs[i]) for i in row) for row in rows)
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        labels = np.full((len(rows), width), -100, dtype=np.int64)
+        positions = np.zeros((len(rows), width), dtype=np.int64)
+        for r, row in enumerate(rows):
+            at = 0
+            for i in row:
+                n = len(seqs[i])
+                input_ids[r, at:at + n], labels[r, at:at + n] = seqs[i], labs[i]
+                positions[r, at:at + n] = np.arange(n)
+                at += n
+            positions[r, at:] = np.arange(width - at)  # the padding: one more segment, never in the loss
+        return {"input_ids": torch.from_numpy(input_ids), "position_ids": torch.from_numpy(positions),
+                "labels": torch.from_numpy(labels), "n_tokens": torch.tensor(sum(len(x) for x in seqs))}
+
+
 def count_completion_tokens(batch: dict[str, torch.Tensor]) -> int:
     """The items a causal loss averages over: the predicted completion tokens (labels shift by one)."""
     return int((batch["labels"][:, 1:] != -100).sum())
@@ -233,7 +274,11 @@ def count_completion_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 def causal_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], step: int):
     """Token-mean cross-entropy over the completion tokens (HF shifts the labels); n_tokens = the
-    sequence tokens processed."""
+    sequence tokens processed. A packed batch has position ids instead of an attention mask."""
+    if "position_ids" in batch:  # (transformers reads packed sequences only without a KV cache)
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"],
+                    use_cache=False)
+        return out.loss, batch["n_tokens"]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     return out.loss, batch["attention_mask"].sum()
 
@@ -247,18 +292,24 @@ class CausalBuild:
         return model
 
 
-def causal_task(init_model: str, validate_fn=None) -> TrainTask:
+def causal_task(init_model: str, validate_fn=None, pack_tokens: int = 0) -> TrainTask:
     tok = _tokenizer(init_model)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # padding is masked anyway
     if pad is None:
         raise ValueError(f"tokenizer of {init_model} has neither a pad nor an eos token")
-    return TrainTask(build_model=CausalBuild(), loss_fn=causal_loss, collate_fn=CausalCollate(pad),
+    collate = CausalPackedCollate(pad, pack_tokens) if pack_tokens else CausalCollate(pad)
+    return TrainTask(build_model=CausalBuild(), loss_fn=causal_loss, collate_fn=collate,
                      export_fn=Seq2SeqExport(init_model), count_fn=count_completion_tokens, validate_fn=validate_fn)
 
 
-def student_task(init_model: str, validate_fn=None) -> TrainTask:
+def student_task(init_model: str, validate_fn=None, pack_tokens: int = 0) -> TrainTask:
     """The TrainTask for a student's architecture, read from its config (decoder-only: causal)."""
-    return (causal_task if _is_causal(init_model) else seq2seq_task)(init_model, validate_fn)
+    if _is_causal(init_model):
+        return causal_task(init_model, validate_fn, pack_tokens)
+    if pack_tokens:
+        raise ValueError(f"student.pack_tokens={pack_tokens}: packing is for decoder-only students; "
+                         f"{init_model} is a seq2seq model")
+    return seq2seq_task(init_model, validate_fn)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,7 +449,7 @@ def train_student(cfg: KardConfig, run: RunDir, variant: str, init_model: str, *
     if variant == "ft" and cfg.student.ft_max_steps is not None:
         train_cfg = dataclasses.replace(cfg.student, max_steps=cfg.student.ft_max_steps)
     lengths = _target_lengths(run, variant, init_model)  # once: validation's token limit and the record
-    task, rows = student_task(init_model), None
+    task, rows = student_task(init_model, pack_tokens=cfg.student.pack_tokens), None
     if cfg.student.validate_every_steps:
         task, rows = _validation_task(cfg, run, variant, init_model, generation_defaults(lengths)["max_new_tokens"])
     result = train(task, ds, train_cfg, output_dir=run.model(name),
@@ -435,7 +486,7 @@ def _validation_task(cfg: KardConfig, run: RunDir, variant: str, init_model: str
     rows = io.read_table(path).to_pylist()
     max_new = cfg.eval.max_new_tokens or target_limit
     fn = Seq2SeqValidate(init_model, cfg.data.dataset, variant, max_new, cfg.student.max_source_length, cfg.eval.score_by)
-    return student_task(init_model, fn), rows
+    return student_task(init_model, fn, cfg.student.pack_tokens), rows
 
 
 def _target_lengths(run: RunDir, variant: str, init_model: str) -> list[int]:
