@@ -8,6 +8,8 @@ Scores are bm25s's: per (term, passage) BM25 weights precomputed into a sparse C
 (term -> passages), a query's score for a passage being the sum over its query terms (a repeated query
 term counts once per occurrence, as in Pyserini's bag-of-words queries). `score_pairs` reads the same
 matrix entries in the same order, so it returns exactly what a full search gives for those passages.
+Search does not score every passage: `exact_top_k` (MaxScore pruning, below) scores only the passages that
+can reach the top k, with the same float32 sums, so its top-k equals scoring everything (ties: smaller row).
 
 Memory (README "Knowledge layer" has the measured numbers): the CSC matrix is 8 bytes per distinct
 (term, passage) pair (float32 weight + int32 row), the vocabulary ~100 bytes per term; passages are
