@@ -251,11 +251,17 @@ class PostingLists:
     def df(self, t: int) -> int:
         return int(self.indptr[t + 1]) - int(self.indptr[t])
 
-    def weights_at(self, t: int, rows: np.ndarray) -> np.ndarray:
-        """Term t's weight for each of `rows` (sorted or not), 0 where t is absent."""
+    def weights_at(self, t: int, rows: np.ndarray, sorted_rows: bool = False) -> np.ndarray:
+        """Term t's weight for each of `rows`, 0 where t is absent (`sorted_rows`: rows ascending and
+        distinct, which lets a short posting list be searched in the rows instead)."""
         col, w = self.column(t)
         out = np.zeros(len(rows), dtype=w.dtype if len(w) else np.float32)
         if len(col) == 0 or len(rows) == 0:
+            return out
+        if sorted_rows and len(col) < len(rows):  # binary-search the shorter side
+            pos = np.minimum(np.searchsorted(rows, col), len(rows) - 1)
+            hit = rows[pos] == col
+            out[pos[hit]] = w[hit]
             return out
         pos = np.minimum(np.searchsorted(col, rows), len(col) - 1)
         hit = col[pos] == rows
@@ -263,12 +269,21 @@ class PostingLists:
         return out
 
     def union(self, terms) -> np.ndarray:
-        parts = [np.asarray(self.column(t)[0], dtype=np.int64) for t in terms]
-        return np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+        """The rows holding any of `terms`, ascending."""
+        cols = [self.column(t)[0] for t in terms]
+        if not cols:
+            return np.zeros(0, np.int64)
+        if sum(len(c) for c in cols) * 32 > self.n_docs:  # many postings: a bitmap beats sorting them
+            mask = np.zeros(self.n_docs, dtype=bool)
+            for c in cols:
+                mask[c] = True
+            return np.flatnonzero(mask)
+        return np.unique(np.concatenate(cols).astype(np.int64))
 
     def score(self, qids: list[int], rows: np.ndarray) -> np.ndarray:
-        """Exact float32 scores of `rows`: the terms added in query order, as bm25s adds them."""
-        weights = {t: self.weights_at(t, rows) for t in set(qids)}
+        """Exact float32 scores of `rows` (ascending, distinct): the terms added in query order, as bm25s
+        adds them."""
+        weights = {t: self.weights_at(t, rows, sorted_rows=True) for t in set(qids)}
         acc = np.zeros(len(rows), dtype=np.float32)
         for t in qids:
             acc += weights[t]
