@@ -165,10 +165,8 @@ class Generator:
 
     def _usage(self, question: str, options: list[str], passages: list[str], generation: str, truncated: bool) -> dict:
         """OpenAI-style token counts of one prediction (call with the lock held: the tokenizer is shared)."""
-        from kard_ray.inference.formats import encode_sources
-
         source = self.student.source(question, options, passages)
-        prompt = len(encode_sources(self.student.tokenizer, [source], self.student.max_source_length)[0])
+        prompt = len(self.student.encode([source])[0])  # as the student reads it (a causal one: its prompt)
         completion = len(self.student.tokenizer(generation, add_special_tokens=True)["input_ids"])
         return {"prompt_tokens": prompt, "completion_tokens": completion,
                 "finish_reason": "length" if truncated else "stop"}
@@ -218,7 +216,9 @@ class Generator:
             return
         from transformers import AsyncTextIteratorStreamer
 
-        streamer = AsyncTextIteratorStreamer(self.student.tokenizer, skip_special_tokens=True)
+        # skip_prompt: generate() first hands the streamer its input -- a causal student's whole prompt (a
+        # seq2seq one's decoder start token)
+        streamer = AsyncTextIteratorStreamer(self.student.tokenizer, skip_prompt=True, skip_special_tokens=True)
         done = asyncio.ensure_future(asyncio.to_thread(_locked, self.lock, self._predict_streaming, item, streamer))
         pieces = streamer.__aiter__()
         try:
