@@ -177,3 +177,30 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients(synthetic_
     assert torch.allclose(l1, l2, atol=1e-5), (l1, l2)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))  # (with a KV cache on, transformers
     # would not read the packing and every example would attend to the ones before it: 10% off here)
+
+
+@pytest.mark.timeout(300)
+def test_token_exact_accumulation_and_packing_in_the_trainer(ray_session, synthetic_task, tiny_causal_dir, tmp_path):
+    """One optimizer step of the core on 8 examples whose completions differ in length: batch 1 x
+    accumulation 8, batch 8 x 1 and batch 8 packed give the same loss and the same weights (micro-batches
+    are weighted by their completion tokens)."""
+    from safetensors.torch import load_file
+
+    rows = oracle_examples(synthetic_task, "kard")[:8]
+    assert len({len(r["target"]) for r in rows}) > 1
+    ds = tokenize_examples(ray_session.data.from_items(rows), tiny_causal_dir, 128, None).materialize()
+    runs = {}
+    for name, kw, pack in [("b1x8", dict(batch_size=1, grad_accum=8), 0), ("b8x1", dict(batch_size=8), 0),
+                           ("b8packed", dict(batch_size=8), 4096)]:
+        cfg = StudentConfig(num_workers=0, max_steps=1, lr=1e-3, max_grad_norm=None, log_every_steps=1, **kw)
+        out = str(tmp_path / name)
+        res = train(student_task(tiny_causal_dir, pack_tokens=pack), ds, cfg, out, str(tmp_path / "ckpt"), name,
+                    {"init_model": tiny_causal_dir}, shuffle=False)
+        runs[name] = (res["loss_curve"][0], load_file(os.path.join(out, "model.safetensors")))
+    init = load_file(os.path.join(tiny_causal_dir, "model.safetensors"))
+    loss, weights = runs["b8x1"]
+    assert any(not torch.equal(weights[k], init[k]) for k in weights)
+    for name in ("b1x8", "b8packed"):
+        assert runs[name][0] == pytest.approx(loss, rel=1e-5), name
+        for k in weights:
+            torch.testing.assert_close(runs[name][1][k], weights[k], rtol=1e-4, atol=1e-6)
