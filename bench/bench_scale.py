@@ -117,9 +117,8 @@ def make_queries(run, n: int, seed: int = 1) -> list[str]:
 
 
 def bench_bm25(rep, run, args, n: int, queries: list[str]) -> None:
-    from kard_ray.config import BM25Config, KnowledgeConfig
-    from kard_ray.knowledge import Retriever
-    from kard_ray.knowledge.sharded import build_sharded_bm25, load_bm25
+    from kard_ray.config import BM25Config
+    from kard_ray.knowledge.sharded import build_sharded_bm25
 
     cfg = BM25Config(shards=args.shards)
     with RssSampler() as rss:
@@ -129,6 +128,17 @@ def bench_bm25(rep, run, args, n: int, queries: list[str]) -> None:
     rep.fig("bm25 nnz per passage", round(stats["nnz"] / n, 1))
     rep.fig("bm25 build peak RSS per process (GiB)", rss.report())
     rep.fig("bm25 build max RSS of one process GiB", max(rss.report().values()), "GiB")
+    bench_queries(rep, run, args, n, queries)
+
+
+def bench_queries(rep, run, args, n: int, queries: list[str]) -> None:
+    """Query rates on the built index (batched through shard actors, one at a time through the
+    `Retriever`, in-process pruned vs full scoring) and, up to --single-max, exactness vs one index."""
+    from kard_ray.config import BM25Config, KnowledgeConfig
+    from kard_ray.knowledge import Retriever
+    from kard_ray.knowledge.sharded import load_bm25
+
+    cfg = BM25Config(shards=args.shards)
     kcfg = KnowledgeConfig(bm25=cfg)
     retriever = Retriever.from_run_dir(run.root, kcfg, num_threads=1)  # shard actors, as Serve loads it
     sharded = retriever.bm25
@@ -145,7 +155,7 @@ def bench_bm25(rep, run, args, n: int, queries: list[str]) -> None:
     import ray
 
     rep.fig("shard actor peak RSS GiB", [round(ray.get(a.peak_rss_bytes.remote()) / 2**30, 2) for a in sharded.actors])
-    if n <= args.single_max:
+    if n <= args.single_max and not args.queries_only:  # (--queries-only keeps the earlier exactness figures)
         from kard_ray.knowledge.bm25 import build_bm25_from_parquet
 
         single_dir = run.path("index", "bm25_single")
@@ -226,11 +236,22 @@ def run_size(rep, args, n: int) -> None:
     from kard_ray.knowledge import ingest_corpus
 
     work = common.work_dir(args, "scale", str(n))
+    run = io.RunDir(os.path.join(work, "run"))
+    if args.queries_only:  # the index of an earlier run of this size: re-measure its queries only
+        if not (args.out and os.path.exists(args.out) and os.path.exists(run.bm25_index)):
+            raise SystemExit(f"--queries-only needs {run.bm25_index} and --out of the run that built it")
+        with open(args.out) as fh:
+            earlier = json.load(fh)
+        rep.data["figures"].update({k: v for k, v in earlier["figures"].items() if k not in rep.data["figures"]})
+        rep.note(f"query figures re-measured on the index built by `{earlier['command']}` (load "
+                 f"{earlier['load_start']} -> {earlier['load_end']}, {earlier['wall_s']} s); the other figures are that run's")
+        n = rep.data["figures"]["passages after dedup"]
+        bench_queries(rep, run, args, n, make_queries(run, args.queries))
+        return
     corpus = os.path.join(work, "corpus")
     if not os.path.exists(os.path.join(corpus, "corpus-3.jsonl")):
         _, dt = common.timed(lambda: generate_corpus(corpus, n))
         rep.fig("generate s", round(dt, 1), "s")
-    run = io.RunDir(os.path.join(work, "run"))
     with RssSampler() as rss:
         counts, dt = common.timed(lambda: ingest_corpus([corpus], run, KnowledgeConfig(words_per_passage=120)))
     rep.fig("documents", counts["documents"])
@@ -252,6 +273,8 @@ def main(argv=None) -> None:
     p.add_argument("--single-queries", type=int, default=200)
     p.add_argument("--single-max", type=int, default=1_000_000, help="also build one index (exactness) up to this size")
     p.add_argument("--dense-sample", type=int, default=20_000)
+    p.add_argument("--queries-only", action="store_true",
+                   help="re-measure the query figures on the index an earlier run of this size built (--out: its JSON)")
     args = p.parse_args(argv)
     if args.smoke:
         args.passages, args.queries, args.single_queries, args.dense_sample = 20_000, 256, 20, 2_000

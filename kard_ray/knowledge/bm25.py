@@ -210,9 +210,10 @@ def build_bm25_from_parquet(passages_path: str, index_path: str, cfg: BM25Config
 # common terms of a query dominate. MaxScore (Turtle & Flood 1995) keeps the answer exact while scoring
 # only passages that can still reach the top k: with theta a lower bound on the k-th best score, terms
 # whose upper bounds sum below theta are "non-essential" -- a passage holding only those cannot reach
-# theta -- so the candidates are the postings of the essential (rare) terms, and their full scores are
-# the same float32 sums in the same term order as bm25s's, with the non-essential weights looked up by
-# binary search. bm25s has no pruning; this is the part it does not do.
+# theta -- so the candidates are the postings of the essential (rare) terms; of those, only the ones
+# whose essential weights plus the non-essential upper bounds reach theta are scored in full: the same
+# float32 sums in the same term order as bm25s's, the other weights looked up by binary search. bm25s
+# has no pruning; this is the part it does not do.
 
 
 class PostingLists:
@@ -322,16 +323,23 @@ def exact_top_k(lists: PostingLists, qids: list[int], k: int, prune: bool | None
     # 2. Non-essential terms: the smallest upper bounds (times repeats) whose sum stays below theta.
     counts = {t: qids.count(t) for t in terms}
     by_bound = sorted(terms, key=lambda t: counts[t] * lists.upper[t])
-    bound, essential = 0.0, []
+    bound, rest, essential = 0.0, 0.0, []
     for i, t in enumerate(by_bound):
         bound += counts[t] * float(lists.upper[t])
         if bound * (1 + 1e-4) >= theta:  # margin for float32 rounding of the sums
             essential = by_bound[i:]
             break
-    # 3. Candidates: every passage holding an essential term (plus the seed); score them exactly.
+        rest = bound  # what the non-essential terms can add, at most
+    # 3. Candidates: every passage holding an essential term (plus the seed).
     if sum(lists.df(t) for t in essential) > DENSE_SHARE * lists.n_docs:
         return _dense_top_k(lists, qids, k)
     cand = np.union1d(lists.union(essential), seed)
+    # 4. Their essential weights are cheap (each list is searched in the candidates); only those that could
+    #    still reach theta with every non-essential term at its upper bound are scored in full.
+    partial = np.zeros(len(cand), dtype=np.float64)
+    for t in essential:
+        partial += counts[t] * lists.weights_at(t, cand, sorted_rows=True)
+    cand = cand[(partial + rest) * (1 + 1e-4) >= theta]
     lists.scored = len(cand)
     return select_top_k(cand, lists.score(qids, cand), k, lists.n_docs)
 
