@@ -26,6 +26,10 @@ SETTINGS = [
     ("ivfpq pq_m=96 nlist=128 nprobe=16", dict(index_type="ivfpq", pq_m=96, nlist=128, nprobe=16)),
     ("ivfpq pq_m=96 nlist=128 nprobe=32", dict(index_type="ivfpq", pq_m=96, nlist=128, nprobe=32)),
     ("ivfpq pq_m=192 nlist=128 nprobe=32", dict(index_type="ivfpq", pq_m=192, nlist=128, nprobe=32)),
+    ("ivfpq pq_m=48 nlist=128 nprobe=32 + sq8 refine x4", dict(index_type="ivfpq", pq_m=48, nlist=128, nprobe=32,
+                                                             refine="sq8", refine_k_factor=4.0)),
+    ("ivfpq pq_m=96 nlist=128 nprobe=32 + sq8 refine x4", dict(index_type="ivfpq", pq_m=96, nlist=128, nprobe=32,
+                                                             refine="sq8", refine_k_factor=4.0)),
     ("hnsw m=32", dict(index_type="hnsw", hnsw_m=32)),
 ]
 K = 10

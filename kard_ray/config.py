@@ -136,6 +136,8 @@ class DenseConfig:
     index_type: Literal["flat", "ivfpq", "hnsw"] = _f("flat", "faiss index: exact inner product, IVF-PQ or HNSW.")
     nlist: int = _f(1024, "IVF lists (ivfpq).")
     pq_m: int = _f(16, "PQ sub-quantisers (ivfpq); must divide the embedding size.")
+    refine: Optional[Literal["sq8", "flat"]] = _f(None, "ivfpq: re-score the PQ search's refine_k_factor x k best with 8-bit scalar-quantised (sq8: 1 byte per dimension) or full vectors (faiss IndexRefine); null: PQ scores alone.")
+    refine_k_factor: float = _f(4.0, "ivfpq with refine: candidates re-scored per result wanted.")
     hnsw_m: int = _f(32, "HNSW neighbours per node.")
     nprobe: int = _f(16, "IVF lists probed per query.")
     use_gpu_index: bool = _f(False, "Move the faiss index to GPU when faiss-gpu and a GPU are present.")
@@ -145,6 +147,8 @@ class DenseConfig:
     recall_queries: int = _f(200, "Compressed indexes (ivfpq, hnsw): sampled passage vectors used as queries to report recall@10 vs exact search at build time (0: skip).")
 
     def __post_init__(self):
+        _check(self.refine is None or self.index_type == "ivfpq", "knowledge.dense.refine", "only for index_type ivfpq")
+        _check(self.refine_k_factor >= 1, "knowledge.dense.refine_k_factor", "must be >= 1")
         for k in ("max_length", "batch_size", "num_actors", "nlist", "pq_m", "hnsw_m", "nprobe", "embed_block_rows"):
             _check(getattr(self, k) >= 1, f"knowledge.dense.{k}", "must be >= 1")
         _check(self.num_cpus_per_actor >= 0 and self.num_gpus_per_actor >= 0, "knowledge.dense.num_*_per_actor", "must be >= 0")

@@ -9,7 +9,8 @@ The driver never holds the corpus: embeddings stream from the actors to parquet,
 (a Ray task in `build_indexes`) reads them back in record batches. Passages are embedded as
 `format_passage(title, text)`, queries as they are; vectors are L2-normalised, so inner product is
 cosine similarity. Index types: exact inner product (`flat`, default), IVF-PQ (`ivfpq`: nlist lists,
-pq_m sub-quantisers of 8 bits, nprobe lists searched) or HNSW (`hnsw`). With `use_gpu_index` and
+pq_m sub-quantisers of 8 bits, nprobe lists searched; `refine` re-scores the best candidates with 8-bit
+scalar-quantised or full vectors) or HNSW (`hnsw`). With `use_gpu_index` and
 faiss-gpu on a GPU machine, flat and IVF indexes are built and searched on the GPUs.
 """
 
@@ -295,7 +296,14 @@ def _make_index(d: int, n: int, cfg: DenseConfig):
         warnings.warn(f"knowledge.dense.nlist={cfg.nlist} is too many lists for {n} passages; using {nlist}")
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
-    return index, quantizer
+    if cfg.refine is None:
+        return index, quantizer
+    # PQ codes rank the candidates; the refine codes (1 or 4 bytes per dimension) re-score the best of them
+    fine = (faiss.IndexScalarQuantizer(d, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+            if cfg.refine == "sq8" else faiss.IndexFlatIP(d))
+    refined = faiss.IndexRefine(index, fine)
+    refined.k_factor = cfg.refine_k_factor
+    return refined, (quantizer, index, fine)
 
 
 def build_faiss_from_parquet(embeddings_path: str, index_path: str, cfg: DenseConfig) -> dict:
@@ -389,6 +397,8 @@ class DenseIndex:
             faiss.extract_index_ivf(self.index).nprobe = self.cfg.nprobe
         except (RuntimeError, AttributeError, TypeError):
             pass  # not an IVF index
+        if hasattr(self.index, "k_factor"):  # IndexRefine: a search-time setting
+            self.index.k_factor = self.cfg.refine_k_factor
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
