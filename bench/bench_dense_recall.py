@@ -43,7 +43,7 @@ def questions(data) -> list[str]:
 
 
 def measure(rep, label: str, emb: str, out: str, cfg, queries: dict[str, np.ndarray]) -> None:
-    from kard_ray.knowledge.dense import DenseIndex, build_faiss_from_parquet, exact_topk
+    from kard_ray.knowledge.dense import DenseIndex, build_faiss_from_parquet, recall_vs_exact
 
     shutil.rmtree(out, ignore_errors=True)
     st = build_faiss_from_parquet(emb, out, cfg)
@@ -51,10 +51,7 @@ def measure(rep, label: str, emb: str, out: str, cfg, queries: dict[str, np.ndar
     rep.fig(f"{label}: build s", st["faiss_build_s"], "s")
     rep.fig(f"{label}: bytes per passage", round(st["index_bytes"] / st["passages"], 1), "B")
     for name, q in queries.items():
-        exact = exact_topk(emb, q, K)
-        got, _ = index.search(q, K)
-        hits = sum(len(set(e.tolist()) & set(g.tolist())) for e, g in zip(exact, got))
-        rep.fig(f"{label}: recall@10 vs exact, {name}", round(hits / exact.size, 4))
+        rep.fig(f"{label}: recall@10 vs exact, {name}", recall_vs_exact(index, emb, q, K))
     q = queries["StrategyQA test questions"]
     _, dt = common.timed(lambda: [index.search(q[i:i + 1], K) for i in range(len(q))])
     rep.fig(f"{label}: queries/s, one at a time, 1 thread", round(len(q) / dt, 1), "q/s")

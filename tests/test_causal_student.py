@@ -17,7 +17,7 @@ from kard_ray.inference.generator import StudentGenerator
 from kard_ray.models import load_causal_lm, load_tokenizer
 from kard_ray.training.core import train
 from kard_ray.training.lora import lora_settings
-from kard_ray.training.student import (CausalBuild, CausalCollate, causal_loss, count_completion_tokens,
+from kard_ray.training.student import (CausalBuild, Seq2SeqCollate, causal_loss, count_completion_tokens,
                                        encode_causal_examples, student_task, tokenize_examples)
 from oracle_examples import oracle_examples
 
@@ -35,7 +35,7 @@ def test_prompt_tokens_are_masked_and_the_loss_reads_only_the_completion(synthet
         assert x == p + c and len(y) == len(x)
         assert y[: len(p)] == [-100] * len(p) and y[len(p):] == c and c[-1] == tok.eos_token_id
         assert tok.decode(c, skip_special_tokens=True).strip() == targets[input_ids.index(x)].strip()
-    batch = CausalCollate(tok.pad_token_id)({"input_ids": np.array(input_ids, dtype=object),
+    batch = Seq2SeqCollate(tok.pad_token_id)({"input_ids": np.array(input_ids, dtype=object),
                                              "labels": np.array(labels, dtype=object)})
     assert count_completion_tokens(batch) == sum(len(c) for c in completions)
     model = load_causal_lm(tiny_causal_dir).eval()
@@ -162,7 +162,7 @@ def test_packed_and_unpacked_batches_give_the_same_loss_and_gradients(synthetic_
     rows = oracle_examples(synthetic_task, "kard")[:8]
     input_ids, labels = encode_causal_examples(tok, [r["source"] for r in rows], [r["target"] for r in rows], 128, None)
     raw = {"input_ids": np.array(input_ids, dtype=object), "labels": np.array(labels, dtype=object)}
-    padded, packed = CausalCollate(tok.pad_token_id)(raw), CausalPackedCollate(tok.pad_token_id, pack_tokens)(raw)
+    padded, packed = Seq2SeqCollate(tok.pad_token_id)(raw), CausalPackedCollate(tok.pad_token_id, pack_tokens)(raw)
     assert packed["input_ids"].shape[0] < 8 and packed["input_ids"].numel() < padded["input_ids"].numel()
     assert count_completion_tokens(packed) == count_completion_tokens(padded)
     model = load_causal_lm(tiny_causal_dir)

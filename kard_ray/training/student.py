@@ -100,7 +100,8 @@ def tokenize_examples(ds, tokenizer_path: str, max_source_length: int, max_targe
 
 
 class Seq2SeqCollate:
-    """Dynamic padding: pad to the longest sequence of the batch; labels padded with -100."""
+    """Dynamic padding: pad to the longest sequence of the batch; labels padded with -100 (a causal
+    student's labels are as long as its ids, so this pads them alike)."""
 
     def __init__(self, pad_id: int):
         self.pad_id = int(pad_id)
@@ -205,27 +206,6 @@ def seq2seq_task(init_model: str, validate_fn=None) -> TrainTask:
 # the causal (decoder-only) TrainTask
 
 
-class CausalCollate:
-    """Right padding to the longest sequence of the batch; labels padded with -100 (already -100 over
-    each prompt)."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = int(pad_id)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        seqs, labs = batch["input_ids"], batch["labels"]
-        width = max(len(x) for x in seqs)
-        input_ids = np.full((len(seqs), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(seqs), width), dtype=np.int64)
-        labels = np.full((len(seqs), width), -100, dtype=np.int64)
-        for i, (x, y) in enumerate(zip(seqs, labs)):
-            input_ids[i, : len(x)] = x
-            mask[i, : len(x)] = 1
-            labels[i, : len(y)] = y
-        return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-                "labels": torch.from_numpy(labels)}
-
-
 class CausalPackedCollate:
     """Packing: the micro-batch's examples laid end to end in rows of up to `pack_tokens` tokens (first
     fit, in order; an example longer than that gets a row of its own), position ids restarting at 0 for
@@ -297,7 +277,7 @@ def causal_task(init_model: str, validate_fn=None, pack_tokens: int = 0) -> Trai
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # padding is masked anyway
     if pad is None:
         raise ValueError(f"tokenizer of {init_model} has neither a pad nor an eos token")
-    collate = CausalPackedCollate(pad, pack_tokens) if pack_tokens else CausalCollate(pad)
+    collate = CausalPackedCollate(pad, pack_tokens) if pack_tokens else Seq2SeqCollate(pad)  # labels: as wide as the ids
     return TrainTask(build_model=CausalBuild(), loss_fn=causal_loss, collate_fn=collate,
                      export_fn=Seq2SeqExport(init_model), count_fn=count_completion_tokens, validate_fn=validate_fn)
 
