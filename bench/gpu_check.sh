@@ -2,10 +2,11 @@
 # GPU-only checks of the trainer core (what the CPU test suite cannot show): NCCL, bf16, DeepSpeed
 # ZeRO-3 shard gathering at export, resume of ZeRO-3 shards, MFU. Prints one table row per check.
 # Then the inference side (bench/gpu_extra.py): faiss-gpu search, embedding throughput (in-process and
-# the Ray Data stage on a GPU actor), a student generation batch. The table is also saved to
+# the Ray Data stage on a GPU actor), a student generation batch, and eval.engine vllm against hf on a
+# decoder-only student (equal answers; questions/s of each; SKIP where vllm is not installed). The table is also saved to
 # bench/results/gpu_check.txt, which bench/report.py puts into RESULTS.md.
 #
-#   bash bench/gpu_check.sh            # needs CUDA, ray[train], deepspeed; ~4-6 min on one H100
+#   bash bench/gpu_check.sh            # needs CUDA, ray[train], deepspeed; ~6-9 min on one H100
 #
 # Uses min(2, #GPUs) workers (NCCL cannot put two ranks on one GPU), a small T5 built from scratch
 # on the synthetic task (no downloads), 60 steps per check; ZeRO-3 also fails once at step 25 and

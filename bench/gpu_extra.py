@@ -1,5 +1,5 @@
 """The inference-side rows of `bench/gpu_check.sh`: faiss-gpu search, embedding throughput, a student
-generation batch. Each check returns one table row (check, result, detail, throughput, MFU, wall) and
+generation batch, and eval.engine vllm against hf on a decoder-only student (answers and questions/s). Each check returns one table row (check, result, detail, throughput, MFU, wall) and
 never raises: an error becomes an ERROR row, so the table always has every line.
 
     rows += extra_checks(tmp, student_dir=os.path.join(tmp, "ddp"), task=task)   (inside gpu_check.sh)
@@ -139,15 +139,66 @@ def generation(student_dir: str, questions: list[dict], batch_size: int = 64, ma
     return _row("student generation batch", t0, run)
 
 
+def vllm_vs_hf(tmp: str, task, n_questions: int = 1024, steps: int = 200) -> Row:
+    """eval.engine vllm against hf on a decoder-only student (tiny Llama d512 L4, trained `steps` on the
+    GPU): both engines through `student_predictions`, the evaluation stage's code, on the same questions
+    (greedy, fp32). Throughput: questions/s end to end (engine start included) for each."""
+    t0 = time.time()
+
+    def run():
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            return "SKIP", "vllm not installed (pip install -e '.[gpu]')", ""
+        import ray
+
+        from kard_ray.config import StudentConfig, TinyModelConfig, load_config
+        from kard_ray.data.synthetic import task_texts
+        from kard_ray.evaluation.evaluate import student_predictions
+        from kard_ray.models import save_tiny_model
+        from kard_ray.training.core import train
+        from kard_ray.training.student import student_task, tokenize_examples
+        from oracle_examples import oracle_examples
+
+        init = save_tiny_model("causal", task_texts(task), TinyModelConfig(d_model=512, n_layers=4, n_heads=8, d_ff=2048,
+                               vocab_size=2000), os.path.join(tmp, "causal_init"))
+        out = os.path.join(tmp, "causal")
+        ds = tokenize_examples(ray.data.from_items(oracle_examples(task, "rd")), init, 192, None).materialize()
+        train(student_task(init), ds, StudentConfig(batch_size=32, lr=1e-3, max_steps=steps, num_workers=0, use_gpu=True),
+              out, os.path.join(tmp, "causal_ckpt"), "causal", {"init_model": init}, resume=False)
+        qs = (task.test_questions * (n_questions // len(task.test_questions) + 1))[:n_questions]
+        items = [{"id": f"{q['id']}#{i}", "question": q["question"], "options": q["options"], "answer": q["answer"]}
+                 for i, q in enumerate(qs)]
+        got, qps = {}, {}
+        for engine in ("hf", "vllm"):
+            cfg = load_config("configs/demo_causal.yaml", [
+                f"eval.engine={engine}", "eval.num_gpus_per_actor=1", "eval.max_new_tokens=64", "eval.batch_size=64",
+                "student.max_source_length=192", "eval.vllm_engine_kwargs={dtype: float32, gpu_memory_utilization: 0.4}"])
+            t = time.perf_counter()
+            rows = student_predictions(ray.data.from_items(items), out, "rd", cfg, len(items)).take_all()
+            qps[engine] = len(rows) / (time.perf_counter() - t)
+            got[engine] = {r["question_id"]: r for r in rows}
+        same = np.mean([got["hf"][i]["pred_index"] == got["vllm"][i]["pred_index"] for i in got["hf"]])
+        text = np.mean([got["hf"][i]["generation"] == got["vllm"][i]["generation"] for i in got["hf"]])
+        ok = set(got["hf"]) == set(got["vllm"]) and same >= 0.95
+        return ("PASS" if ok else "FAIL", f"{len(items)} q: answers {100 * same:.1f}% equal, text {100 * text:.0f}%",
+                f"vLLM {qps['vllm']:.0f} q/s, HF {qps['hf']:.0f} q/s")
+
+    return _row("vLLM vs HF (causal)", t0, run)
+
+
 def extra_checks(tmp: str, student_dir: str, task) -> list[Row]:
     texts = [f"{p['title']} . {p['text']}" for p in task.passages]
     texts = (texts * (8192 // max(len(texts), 1) + 1))[:8192]
     questions = (task.test_questions * (512 // max(len(task.test_questions), 1) + 1))[:512]
-    return [faiss_gpu(tmp), embedding(tmp, texts), generation(student_dir, questions)]
+    return [faiss_gpu(tmp), embedding(tmp, texts), generation(student_dir, questions), vllm_vs_hf(tmp, task)]
 
 
 if __name__ == "__main__":
+    import sys
     import tempfile
+
+    sys.path.insert(0, "tests")  # the oracle-knowledge examples are a test helper
 
     import ray
     import torch

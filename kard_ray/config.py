@@ -492,9 +492,20 @@ class EvalConfig:
                           "parsed answer's accuracy is reported beside it either way.")
     oracle: bool = _f(True, "Also evaluate retrieval by a test-time teacher rationale when one exists.")
     oracle_rationales_path: Optional[str] = _f(None, "Test-time teacher rationales ({id, rationales} JSONL) for the oracle mode; the synthetic task has its own.")
+    engine: Literal["hf", "vllm"] = _f(
+        "hf", "hf: transformers `generate` on Ray Data actors (CPU or GPU, either architecture). vllm: Ray Data's LLM "
+              "processor with vLLM on GPU actors (a decoder-only student; `pip install kard-ray[gpu]`): the same "
+              "prompts, seeds and answer reading, so greedy answers equal hf's up to numerical ties.")
+    vllm_engine_kwargs: dict[str, Any] = _f(
+        {}, "vLLM engine arguments over the defaults (dtype auto, prefix caching, max_model_len = "
+            "student.max_source_length + max_new_tokens), e.g. {gpu_memory_utilization: 0.5} (eval.engine: vllm).")
 
     def __post_init__(self):
         _check(self.n_votes >= 1, "eval.n_votes", "must be >= 1")
+        _check(self.engine != "vllm" or self.score_by != "likelihood", "eval.score_by",
+               "likelihood scoring runs the student's forward pass, which only the hf engine has; use eval.engine: hf")
+        _check(self.engine != "vllm" or self.num_gpus_per_actor >= 1, "eval.num_gpus_per_actor",
+               "eval.engine: vllm runs on GPU actors; set it to 1 (or more for tensor parallelism)")
         _check(self.max_new_tokens is None or self.max_new_tokens >= 1, "eval.max_new_tokens", "must be >= 1 or null")
         _check(self.k >= 1, "eval.k", "must be >= 1")
         _check(self.batch_size >= 1 and self.num_actors >= 1, "eval", "batch_size and num_actors must be >= 1")
@@ -615,6 +626,9 @@ class KardConfig:
 
     def __post_init__(self):
         _check(len(self.methods) >= 1, "methods", "name at least one method")
+        seq2seq = self.student.architecture == "seq2seq" or (self.student.architecture == "auto" and self.student.model == "tiny")
+        _check(self.eval.engine != "vllm" or not seq2seq, "eval.engine",
+               "vLLM has no encoder-decoder models; a seq2seq (T5) student is evaluated with eval.engine: hf")
         for m in self.methods:
             close = difflib.get_close_matches(m, METHODS, n=1)
             _check(m in METHODS, "methods", f"unknown method {m!r}" + (f"; did you mean {close[0]!r}?" if close else f"; choose from {METHODS}"))

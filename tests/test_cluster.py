@@ -446,6 +446,7 @@ def test_the_qwen_student_config_fits_the_clusters_gpu_nodes():
     s = cfg.student
     assert (s.architecture, s.strategy, s.zero_stage, s.bf16, s.use_gpu, s.num_workers) == ("causal", "deepspeed", 2,
                                                                                               True, True, 4)
+    assert (cfg.eval.engine, cfg.eval.num_gpus_per_actor) == ("vllm", 1)
     for name in LAUNCHER_CONFIGS:
         types = _yaml(CLUSTER / name)["available_node_types"]
         gpu = {t: v["resources"] for t, v in types.items() if v["resources"].get("GPU")}

@@ -18,8 +18,9 @@ from kard_ray import io
 from kard_ray.config import KardConfig
 from kard_ray.data.stage import test_rationales_path
 from kard_ray.inference.formats import question_query
-from kard_ray.inference.generator import StudentGenerator, resolve_max_new_tokens
-from kard_ray.inference.passages import passages_for
+from kard_ray.inference.generator import (PREDICTION_COLUMNS, StudentGenerator, prediction_columns,
+                                          resolve_max_new_tokens)
+from kard_ray.inference.passages import batch_passages, passages_for
 from kard_ray.methods import METHODS
 from kard_ray.console import count, say
 
@@ -49,33 +50,27 @@ class PredictBatch:
             score_by=eval_cfg["score_by"], seed=seed, variant=METHODS[method].variant)
 
     def __call__(self, batch: dict) -> dict:
-        from kard_ray.knowledge import format_passage
-
         n, started = len(batch["id"]), time.time()
-        if "passage_texts" in batch:
-            passages = [[format_passage(t, x) for t, x in zip(batch["passage_titles"][i], batch["passage_texts"][i])]
-                        for i in range(n)]
-            ids = [list(batch["passage_ids"][i]) for i in range(n)]
-        else:
-            passages, ids = [None] * n, [[] for _ in range(n)]
+        passages, ids = batch_passages(batch)
         options = [list(o) for o in batch["options"]]
         preds = self.generator.predict(list(batch["question"]), options, passages)
-        answers = [int(a) for a in batch["answer"]]
         count(f"evaluate {self.method}", n, self.total, "questions", started)
-        return {
-            "question_id": list(batch["id"]),
-            "method": [self.method] * n,
-            "retrieval": [METHODS[self.method].retrieval] * n,
-            "passage_ids": ids,
-            "generation": [p.generation for p in preds],
-            "pred_index": [p.pred_index for p in preds],
-            "pred_letter_index": [p.pred_letter_index for p in preds],
-            "pred_text_index": [p.pred_text_index for p in preds],
-            "parsed_index": [p.parsed_index for p in preds],
-            "truncated": [p.truncated for p in preds],
-            "answer": answers,
-            "correct": [p.pred_index == a for p, a in zip(preds, answers)],
-        }
+        return {"question_id": list(batch["id"]), "passage_ids": ids, "answer": [int(a) for a in batch["answer"]],
+                **prediction_columns(preds)}
+
+
+PREDICTION_TABLE = ("question_id", "method", "retrieval", "passage_ids", *PREDICTION_COLUMNS, "answer", "correct")
+
+
+def method_columns(table: pa.Table, method: str) -> pa.Table:
+    """What every engine's prediction rows get last: the method, its retrieval, and whether each is correct."""
+    import pyarrow.compute as pc
+
+    n = table.num_rows
+    table = table.append_column("method", pa.array([method] * n, pa.string()))
+    table = table.append_column("retrieval", pa.array([METHODS[method].retrieval] * n, pa.string()))
+    table = table.append_column("correct", pc.equal(table["pred_index"], table["answer"]))
+    return table.select(list(PREDICTION_TABLE))
 
 
 def _test_dataset(cfg: KardConfig, run: io.RunDir, method: str):
@@ -96,24 +91,36 @@ def _test_dataset(cfg: KardConfig, run: io.RunDir, method: str):
 
 def predict_method(cfg: KardConfig, run: io.RunDir, method: str) -> str:
     """Run one method's batch inference; returns its predictions directory."""
-    import ray
-
     questions = _test_dataset(cfg, run, method)
     total = questions.count()
     ds = passages_for(questions, method, cfg, run)
     out = run.path("eval", "predictions", method)
     if io.exists(out):
         io.remove(out)
-    ds = ds.map_batches(
-        PredictBatch,
-        fn_constructor_kwargs=dict(model_dir=run.model(METHODS[method].student), method=method, dataset=cfg.data.dataset,
-                                   eval_cfg=cfg.to_dict()["eval"], max_source_length=cfg.student.max_source_length,
-                                   seed=cfg.seed, total=total),
-        compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
-        batch_size=cfg.eval.batch_size, num_cpus=cfg.eval.num_cpus_per_actor, num_gpus=cfg.eval.num_gpus_per_actor,
-        batch_format="numpy")
+    ds = student_predictions(ds, run.model(METHODS[method].student), method, cfg, total)
     ds.write_parquet(io.resolve(out)[1] if not io.is_uri(out) else out)
     return out
+
+
+def student_predictions(ds, model_dir: str, method: str, cfg: KardConfig, total: int = 0):
+    """Questions (with the method's passages) → prediction rows, on `eval.engine`: HF `generate` on an
+    actor pool, or vLLM through Ray Data's LLM processor; both read answers with the same code."""
+    import ray
+
+    eval_cfg = cfg.to_dict()["eval"]
+    if cfg.eval.engine == "vllm":
+        from kard_ray.inference.vllm_engine import vllm_predictions
+
+        ds = vllm_predictions(ds, model_dir, cfg.data.dataset, eval_cfg, cfg.student.max_source_length, cfg.seed)
+    else:
+        ds = ds.map_batches(
+            PredictBatch,
+            fn_constructor_kwargs=dict(model_dir=model_dir, method=method, dataset=cfg.data.dataset, eval_cfg=eval_cfg,
+                                       max_source_length=cfg.student.max_source_length, seed=cfg.seed, total=total),
+            compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
+            batch_size=cfg.eval.batch_size, num_cpus=cfg.eval.num_cpus_per_actor, num_gpus=cfg.eval.num_gpus_per_actor,
+            batch_format="numpy")
+    return ds.map_batches(method_columns, fn_kwargs={"method": method}, batch_format="pyarrow", num_cpus=0.25)
 
 
 TRUNCATED_WARN_SHARE = 0.05

@@ -100,6 +100,21 @@ def majority(votes: list[int]) -> int:
     return next(v for v in readable if counts[v] == best)
 
 
+def eos_ids(generation_config) -> set[int]:
+    """The token ids that end a generation (a model's generation_config may name several)."""
+    eos = generation_config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos])
+
+
+def decode_generations(tokenizer, rows: list[list[int]], eos: set[int], max_new_tokens: int) -> list[tuple[str, bool]]:
+    """(text, truncated) of each row of generated token ids, whichever engine generated them. A row ended
+    when it holds an end-of-sequence token, or stopped short of max_new_tokens (an engine that leaves the
+    EOS out of its output); otherwise it hit the limit mid-rationale."""
+    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
+    return [(t.strip(), not (any(int(x) in eos for x in row) or len(row) < max_new_tokens))
+            for t, row in zip(texts, rows)]
+
+
 class StudentGenerator:
     """Loads a `save_pretrained` student once; turns (question, options, passages) into predictions."""
 
@@ -133,6 +148,7 @@ class StudentGenerator:
                    seed: int = 0, variant: str = "kard") -> None:
         self.dataset = dataset
         self.causal = not getattr(self.model.config, "is_encoder_decoder", False)  # a decoder-only student
+        self.eos = eos_ids(self.model.generation_config)
         self.max_new_tokens = max_new_tokens
         self.variant = variant  # what its targets look like: "ft" answers alone, "kard"/"rd" rationale first
         self.decoding = decoding
@@ -140,7 +156,6 @@ class StudentGenerator:
         self.temperature = temperature
         self.max_source_length = max_source_length
         self.score_by = score_by
-        self.reading = "letter_or_text" if score_by == "likelihood" else score_by  # how a stated answer is read
         self.seed = seed
 
     def source(self, question: str, options: list[str], passages: list[str] | None) -> str:
@@ -155,7 +170,12 @@ class StudentGenerator:
 
     def generate(self, sources: list[str], keys: list[str] | None = None) -> list[list[tuple[str, bool]]]:
         """`n_votes` (generation, truncated) pairs per source (one when greedy); truncated: it hit
-        max_new_tokens before the end-of-sequence token.
+        max_new_tokens before the end-of-sequence token."""
+        return [decode_generations(self.tokenizer, rows, self.eos, self.max_new_tokens)
+                for rows in self.generate_ids(sources, keys)]
+
+    def generate_ids(self, sources: list[str], keys: list[str] | None = None) -> list[list[list[int]]]:
+        """`n_votes` rows of generated token ids per source (what `generate` decodes).
 
         Sampling is seeded per question — by (seed, key, sample index), key defaulting to the source
         text — and each question is decoded on its own, so its votes never depend on which other
@@ -163,19 +183,19 @@ class StudentGenerator:
         # Truncate exactly as training did (the middle goes, the "Explanation:" cue stays).
         ids = self.encode(sources)
         if self.decoding != "sample":
-            return self._decode(ids, dict(do_sample=False, num_beams=1))
+            return [[row] for row in self._generate(ids, dict(do_sample=False, num_beams=1))]
         out = []
         for i, row in enumerate(ids):
             key = (keys[i] if keys is not None else sources[i])
             samples = []
             for j in range(self.n_votes):
                 self.torch.manual_seed(sample_seed(self.seed, key, j))
-                samples += self._decode([row], dict(do_sample=True, temperature=self.temperature))[0]
+                samples += self._generate([row], dict(do_sample=True, temperature=self.temperature))
             out.append(samples)
         return out
 
-    def _decode(self, ids: list[list[int]], kw: dict) -> list[list[tuple[str, bool]]]:
-        """One generation per row of token ids, as [[(text, truncated)], ...]."""
+    def _generate(self, ids: list[list[int]], kw: dict) -> list[list[int]]:
+        """One row of generated token ids per row of prompt ids (padding after an early EOS included)."""
         if self.causal:
             enc = self._left_padded(ids)
         else:
@@ -183,12 +203,7 @@ class StudentGenerator:
         with self.torch.inference_mode():
             out = self.model.generate(**enc, max_new_tokens=self.max_new_tokens, **kw)
         # a seq2seq output starts with the decoder start token; a causal one with its prompt
-        out = out[:, enc["input_ids"].shape[1]:] if self.causal else out[:, 1:]
-        eos = self.model.generation_config.eos_token_id
-        eos = set(eos if isinstance(eos, (list, tuple)) else [eos])
-        ended = [any(int(t) in eos for t in row) for row in out]
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [[(t.strip(), not e)] for t, e in zip(texts, ended)]
+        return (out[:, enc["input_ids"].shape[1]:] if self.causal else out[:, 1:]).tolist()
 
     def _left_padded(self, ids: list[list[int]]) -> dict:
         """A causal batch padded on the left, so every row's next token follows its own prompt."""
@@ -258,22 +273,40 @@ class StudentGenerator:
         return max(range(n), key=lambda i: scores[i])
 
     def predict(self, questions: list[str], options: list[list[str]], passages: list[list[str] | None]) -> list[Prediction]:
-        from kard_ray.teacher import parse_prediction
-
         sources = [self.source(q, o, p) for q, o, p in zip(questions, options, passages)]
         keys = [question_key(q, o) for q, o in zip(questions, options)]
         ids = self.encode(sources) if self.score_by == "likelihood" else None
         preds = []
         for i, (opts, gens) in enumerate(zip(options, self.generate(sources, keys))):
-            parsed = [parse_prediction(g, list(opts)) for g, _ in gens]
-            if self.score_by == "likelihood":
-                votes = [self.likelihood_choice(ids[i], list(opts), g) for g, _ in gens]
-            else:
-                votes = [choose(p, self.score_by) for p in parsed]
-            first = parsed[0]
-            preds.append(Prediction(
-                generation=gens[0][0], pred_index=majority(votes),
-                pred_letter_index=-1 if first.get("letter") is None else int(first["letter"]),
-                pred_text_index=-1 if first.get("text") is None else int(first["text"]), votes=votes,
-                truncated=gens[0][1], parsed_index=choose(first, self.reading)))
+            votes = ([self.likelihood_choice(ids[i], list(opts), g) for g, _ in gens]
+                     if self.score_by == "likelihood" else None)
+            preds.append(read_prediction(list(opts), gens, self.score_by, votes))
         return preds
+
+
+def read_prediction(options: list[str], gens: list[tuple[str, bool]], score_by: str,
+                    votes: list[int] | None = None) -> Prediction:
+    """A question's `Prediction` from its (generation, truncated) samples: each sample's answer read
+    under `score_by` (or the given `votes`: likelihood choices), the majority, and what the first
+    sample states. Both engines (HF `generate`, vLLM) read their generations with this."""
+    from kard_ray.teacher import parse_prediction
+
+    parsed = [parse_prediction(g, list(options)) for g, _ in gens]
+    if votes is None:
+        votes = [choose(p, score_by) for p in parsed]
+    first = parsed[0]
+    reading = "letter_or_text" if score_by == "likelihood" else score_by  # how a stated answer is read
+    return Prediction(
+        generation=gens[0][0], pred_index=majority(votes),
+        pred_letter_index=-1 if first.get("letter") is None else int(first["letter"]),
+        pred_text_index=-1 if first.get("text") is None else int(first["text"]), votes=votes,
+        truncated=gens[0][1], parsed_index=choose(first, reading))
+
+
+PREDICTION_COLUMNS = ("generation", "pred_index", "pred_letter_index", "pred_text_index", "parsed_index", "truncated")
+
+
+def prediction_columns(preds: list[Prediction]) -> dict[str, list]:
+    """The prediction table's per-question columns (both engines write these)."""
+    return {c: [getattr(p, c) for p in preds] for c in PREDICTION_COLUMNS}
+

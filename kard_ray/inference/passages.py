@@ -26,3 +26,16 @@ def passages_for(ds, method: str, cfg: KardConfig, run: io.RunDir):
     if m.rerank:
         ds = rerank_dataset(ds, run.model("reranker"), cfg, k=cfg.eval.k)
     return ds
+
+
+def batch_passages(batch: dict) -> tuple[list, list]:
+    """(passages as the student reads them, passage ids) of each question in a Ray Data batch (none
+    for a method without retrieval)."""
+    from kard_ray.knowledge import format_passage
+
+    n = len(batch["id"])
+    if "passage_texts" not in batch:
+        return [None] * n, [[] for _ in range(n)]
+    passages = [[format_passage(t, x) for t, x in zip(batch["passage_titles"][i], batch["passage_texts"][i])]
+                for i in range(n)]
+    return passages, [list(batch["passage_ids"][i]) for i in range(n)]
