@@ -11,12 +11,10 @@ import random
 
 import numpy as np
 import pytest
-import torch
 
 from kard_ray.config import ConfigError, load_config
 from kard_ray.inference.formats import answer_letter, encode_completions, format_target
-from kard_ray.inference.generator import (StudentGenerator, prediction_columns, question_key, resolve_max_new_tokens,
-                                          sample_seed)
+from kard_ray.inference.generator import StudentGenerator, prediction_columns, question_key, sample_seed
 from kard_ray.inference.vllm_engine import VllmPrompts, VllmReading, processor_config, vllm_predictions
 
 EVAL = {"decoding": "sample", "n_votes": 3, "temperature": 1.5, "max_new_tokens": 12, "score_by": "letter_or_text",
@@ -173,35 +171,94 @@ def test_the_evaluation_stage_writes_the_generators_predictions_through_ray_data
                                                                                 p.pred_index == q["answer"])
 
 
-@pytest.mark.gpu
-@pytest.mark.timeout(900)
-def test_vllm_answers_equal_hf_greedy_answers_on_the_same_questions(ray_session, synthetic_task, tiny_causal_dir,
-                                                                     tmp_path):
-    """Both engines through `student_predictions` (what the evaluation stage runs) on a briefly trained
-    causal student: the same answers up to numerical ties (fp32 on both sides)."""
-    pytest.importorskip("vllm")
+def test_serves_vllm_only_where_it_is_installed(tiny_causal_dir):
+    """Serve's Generator builds `VllmStudent` on a GPU replica with eval.engine: vllm; without vllm it says
+    what to install instead of failing somewhere inside."""
+    import importlib.util
+
+    from kard_ray.inference.vllm_engine import VllmStudent
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ImportError, match=r"\[gpu\]"):
+        VllmStudent(tiny_causal_dir, "synthetic", {**EVAL, "decoding": "greedy"}, 96, 0)
+
+
+@pytest.fixture(scope="module")
+def gpu_causal_student(ray_session, synthetic_task, tiny_causal_dir, tmp_path_factory) -> str:
+    """The tiny causal student trained briefly on the GPU (RD targets: answers worth comparing)."""
     import ray
 
     from kard_ray.config import StudentConfig
-    from kard_ray.evaluation.evaluate import student_predictions
     from kard_ray.training.core import train
     from kard_ray.training.student import student_task, tokenize_examples
     from oracle_examples import oracle_examples
 
+    tmp = tmp_path_factory.mktemp("gpu_causal")
     ds = tokenize_examples(ray.data.from_items(oracle_examples(synthetic_task, "rd")), tiny_causal_dir, 128, None)
-    out = str(tmp_path / "student")
+    out = str(tmp / "student")
     train(student_task(tiny_causal_dir), ds.materialize(), StudentConfig(batch_size=16, lr=3e-3, max_steps=150,
-          num_workers=0, use_gpu=True), out, str(tmp_path / "ckpt"), "vllm", {"init_model": tiny_causal_dir}, resume=False)
+          num_workers=0, use_gpu=True), out, str(tmp / "ckpt"), "vllm", {"init_model": tiny_causal_dir}, resume=False)
+    return out
+
+
+def _agreement(hf: dict, vllm: dict) -> tuple[float, float]:
+    """Shares of questions with the same answer and with the same generation."""
+    return (float(np.mean([hf[q]["pred_index"] == vllm[q]["pred_index"] for q in hf])),
+            float(np.mean([hf[q]["generation"] == vllm[q]["generation"] for q in hf])))
+
+
+GPU_OVERRIDES = ["eval.num_gpus_per_actor=1", "eval.max_new_tokens=48", "eval.vllm_engine_kwargs={dtype: float32}"]
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+def test_vllm_answers_equal_hf_greedy_answers_on_the_same_questions(synthetic_task, gpu_causal_student):
+    """Both engines through `student_predictions` (what the evaluation stage runs): the same answers up to
+    numerical ties (fp32 on both sides)."""
+    pytest.importorskip("vllm")
+    import ray
+
+    from kard_ray.evaluation.evaluate import student_predictions
+
     qs = synthetic_task.test_questions
     questions = ray.data.from_items([{k: q[k] for k in ("id", "question", "options", "answer")} for q in qs])
     got = {}
     for engine in ("hf", "vllm"):
-        cfg = load_config("configs/demo_causal.yaml", [f"eval.engine={engine}", "eval.num_gpus_per_actor=1",
-                                                        "eval.max_new_tokens=48", "eval.vllm_engine_kwargs={dtype: float32}"])
-        rows = student_predictions(questions, out, "rd", cfg, len(qs)).take_all()
-        got[engine] = {r["question_id"]: r for r in rows}
+        cfg = load_config("configs/demo_causal.yaml", [f"eval.engine={engine}", *GPU_OVERRIDES])
+        got[engine] = {r["question_id"]: r for r in student_predictions(questions, gpu_causal_student, "rd", cfg,
+                                                                        len(qs)).take_all()}
     assert set(got["hf"]) == set(got["vllm"]) == {q["id"] for q in qs}
-    same_answer = np.mean([got["hf"][q]["pred_index"] == got["vllm"][q]["pred_index"] for q in got["hf"]])
-    same_text = np.mean([got["hf"][q]["generation"] == got["vllm"][q]["generation"] for q in got["hf"]])
+    same_answer, same_text = _agreement(got["hf"], got["vllm"])
     assert same_answer >= 0.95 and same_text >= 0.9, (same_answer, same_text)
-    assert resolve_max_new_tokens(out, 48) == 48 and torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(900)
+def test_serves_generator_engine_on_vllm_answers_as_hf_and_streams_the_same_text(synthetic_task, gpu_causal_student):
+    """`VllmStudent` (Serve's Generator with eval.engine: vllm on a GPU replica) against `StudentGenerator`."""
+    pytest.importorskip("vllm")
+    import asyncio
+
+    from kard_ray.inference.vllm_engine import VllmStudent
+
+    cfg = load_config("configs/demo_causal.yaml", ["eval.engine=vllm", *GPU_OVERRIDES])
+    eval_cfg = cfg.to_dict()["eval"]
+    qs = synthetic_task.test_questions[:64]
+    items = [(q["question"], q["options"], [], True) for q in qs]
+    hf = StudentGenerator(gpu_causal_student, "synthetic", max_new_tokens=48, max_source_length=cfg.student.max_source_length)
+    own = hf.predict([q["question"] for q in qs], [q["options"] for q in qs], [[] for _ in qs])
+    engine = VllmStudent(gpu_causal_student, "synthetic", eval_cfg, cfg.student.max_source_length, cfg.seed)
+
+    async def both():
+        rows = await engine.predict_items(items)
+        events = [ev async for ev in engine.stream(qs[0]["question"], qs[0]["options"], [])]
+        return rows, events
+
+    rows, events = asyncio.run(both())
+    same_answer, same_text = _agreement({i: {"pred_index": p.pred_index, "generation": p.generation} for i, p in enumerate(own)},
+                                        dict(enumerate(rows)))
+    assert same_answer >= 0.95 and same_text >= 0.9, (same_answer, same_text)
+    assert all(r["usage"]["prompt_tokens"] > 0 for r in rows)
+    streamed = "".join(ev["text"] for ev in events if "text" in ev)
+    assert streamed.strip() == events[-1]["answer"]["generation"] == rows[0]["generation"]

@@ -7,6 +7,7 @@ re-tokenizes), the generated token ids are decoded by `decode_generations` and r
 Greedy decoding is one row per question at temperature 0; self-consistency is `eval.n_votes` rows per
 question, each with its own seed `sample_seed(seed, question, vote)` (the HF engine's per-question seeds),
 then grouped back by question. vLLM removed encoder-decoder support, so a T5 student stays on HF.
+Serve's Generator on a GPU replica runs the same requests and reading on vLLM's async engine (`VllmStudent`).
 
     ds = vllm_predictions(questions_with_passages, model_dir, dataset, eval_cfg, max_source_length, seed)
 """
@@ -17,7 +18,7 @@ from typing import Any
 
 from kard_ray.inference.formats import format_source
 from kard_ray.inference.passages import batch_passages
-from kard_ray.inference.generator import (decode_generations, eos_ids, prediction_columns, question_key,
+from kard_ray.inference.generator import (Prediction, decode_generations, eos_ids, prediction_columns, question_key,
                                           read_prediction, resolve_max_new_tokens, sample_seed)
 
 # What vLLM is given unless eval.vllm_engine_kwargs says otherwise: the student's own dtype (a fp32 tiny
@@ -39,40 +40,55 @@ def sampling_params(eval_cfg: dict, generation: dict, max_new_tokens: int, seed:
             "top_k": HF_TOP_K if top_k is None else int(top_k), "top_p": 1.0 if top_p is None else float(top_p)}
 
 
-class VllmPrompts:
-    """Ray Data stage before the engine: each question's prompt token ids (`StudentGenerator.encode`'s)
-    and sampling params, one row per vote, carrying what the reading needs."""
+class VllmRequests:
+    """What vLLM is asked for each question: `StudentGenerator.encode`'s prompt token ids and one
+    SamplingParams dict per vote."""
 
     def __init__(self, model_dir: str, dataset: str, eval_cfg: dict, max_source_length: int, seed: int):
         from transformers import GenerationConfig
 
-        from kard_ray.inference.formats import encode_prompts
         from kard_ray.models import load_tokenizer, model_path
 
-        self.tokenizer, self.encode_prompts = load_tokenizer(model_dir), encode_prompts
+        self.tokenizer = load_tokenizer(model_dir)
         self.dataset, self.eval_cfg, self.max_source_length, self.seed = dataset, eval_cfg, max_source_length, seed
         self.generation = GenerationConfig.from_pretrained(model_path(model_dir)).to_dict()
         self.max_new_tokens = resolve_max_new_tokens(model_dir, eval_cfg["max_new_tokens"])
         self.votes = int(eval_cfg["n_votes"]) if eval_cfg["decoding"] == "sample" else 1
 
+    def build(self, questions: list[str], options: list[list[str]], passages: list) -> list[tuple[list[int], list[dict]]]:
+        """(prompt ids, [sampling params of each vote]) per question; `passages`: the student's passage
+        strings per question (None: a method without retrieval)."""
+        from kard_ray.inference.formats import encode_prompts
+
+        sources = [format_source(q, o, p, self.dataset) for q, o, p in zip(questions, options, passages)]
+        prompts = encode_prompts(self.tokenizer, sources, self.max_source_length)
+        out = []
+        for q, o, prompt in zip(questions, options, prompts):
+            key = question_key(q, o)
+            out.append((prompt, [sampling_params(self.eval_cfg, self.generation, self.max_new_tokens, self.seed, key, v)
+                                 for v in range(self.votes)]))
+        return out
+
+
+class VllmPrompts(VllmRequests):
+    """Ray Data stage before the engine: each question's requests as rows, one per vote, carrying what
+    the reading needs."""
+
     def __call__(self, batch: dict) -> dict:
         passages, ids = batch_passages(batch)
+        questions = [str(q) for q in batch["question"]]
         options = [[str(o) for o in opts] for opts in batch["options"]]
-        sources = [format_source(q, o, p, self.dataset) for q, o, p in zip(batch["question"], options, passages)]
-        prompts = self.encode_prompts(self.tokenizer, sources, self.max_source_length)
         rows: dict[str, list] = {k: [] for k in ("question_id", "options", "answer", "passage_ids", "vote",
                                                  "tokenized_prompt", "sampling_params")}
-        for i, prompt in enumerate(prompts):
-            key = question_key(str(batch["question"][i]), options[i])
-            for vote in range(self.votes):
+        for i, (prompt, params) in enumerate(self.build(questions, options, passages)):
+            for vote, p in enumerate(params):
                 rows["question_id"].append(batch["id"][i])
                 rows["options"].append(options[i])
                 rows["answer"].append(int(batch["answer"][i]))
                 rows["passage_ids"].append(ids[i])
                 rows["vote"].append(vote)
                 rows["tokenized_prompt"].append(prompt)
-                rows["sampling_params"].append(sampling_params(self.eval_cfg, self.generation, self.max_new_tokens,
-                                                               self.seed, key, vote))
+                rows["sampling_params"].append(p)
         return rows
 
 
@@ -89,6 +105,11 @@ class VllmReading:
         self.eos = eos_ids(GenerationConfig.from_pretrained(model_path(model_dir)))
         self.max_new_tokens = resolve_max_new_tokens(model_dir, eval_cfg["max_new_tokens"])
 
+    def read(self, options: list[str], token_rows: list[list[int]]) -> Prediction:
+        """One question's prediction from its votes' generated token ids (in vote order)."""
+        return read_prediction(options, decode_generations(self.tokenizer, token_rows, self.eos, self.max_new_tokens),
+                               self.score_by)
+
     def __call__(self, rows: dict) -> dict:
         """`rows`: one question's votes (a group), or a batch of greedy questions (one row each)."""
         order: dict[str, list[int]] = {}
@@ -98,14 +119,90 @@ class VllmReading:
         preds = []
         for qid, idx in order.items():
             idx = sorted(idx, key=lambda i: int(rows["vote"][i]))
-            tokens = [[int(t) for t in rows["generated_tokens"][i]] for i in idx]
-            gens = decode_generations(self.tokenizer, tokens, self.eos, self.max_new_tokens)
             first = idx[0]
             out["question_id"].append(qid)
             out["passage_ids"].append([str(p) for p in rows["passage_ids"][first]])
             out["answer"].append(int(rows["answer"][first]))
-            preds.append(read_prediction([str(o) for o in rows["options"][first]], gens, self.score_by))
+            preds.append(self.read([str(o) for o in rows["options"][first]],
+                                   [[int(t) for t in rows["generated_tokens"][i]] for i in idx]))
         return {**out, **prediction_columns(preds)}
+
+
+def engine_kwargs(model_dir: str, eval_cfg: dict, max_source_length: int, seed: int) -> dict:
+    """vLLM engine arguments: the defaults, the context the prompts and generations need, the user's."""
+    max_new = resolve_max_new_tokens(model_dir, eval_cfg["max_new_tokens"])
+    return {**ENGINE_DEFAULTS, "seed": seed, "max_model_len": max_source_length + max_new,
+            **(eval_cfg.get("vllm_engine_kwargs") or {})}
+
+
+class VllmStudent:
+    """Serve's Generator on a GPU replica with eval.engine: vllm: the evaluation's requests and reading
+    around vLLM's async engine (continuous batching replaces @serve.batch's batches)."""
+
+    def __init__(self, model_dir: str, dataset: str, eval_cfg: dict, max_source_length: int, seed: int):
+        try:
+            import vllm
+        except ImportError as e:
+            raise ImportError("eval.engine: vllm needs vllm on the Generator's GPU replica "
+                              "(pip install -e '.[gpu]'), or eval.engine: hf") from e
+        from kard_ray.models import model_path
+
+        self.vllm = vllm
+        self.requests = VllmRequests(model_dir, dataset, eval_cfg, max_source_length, seed)
+        self.reader = VllmReading(model_dir, eval_cfg)
+        self.tokenizer = self.requests.tokenizer
+        args = vllm.AsyncEngineArgs(model=model_path(model_dir),
+                                    **engine_kwargs(model_dir, eval_cfg, max_source_length, seed))
+        self.engine = vllm.AsyncLLMEngine.from_engine_args(args)
+        self.requests_sent = 0
+
+    async def _generate(self, prompt: list[int], params: dict):
+        """vLLM's outputs of one request as they grow: (generated token ids so far, finished)."""
+        self.requests_sent += 1
+        stream = self.engine.generate(request_id=f"kard-{self.requests_sent}", prompt={"prompt_token_ids": prompt},
+                                      sampling_params=self.vllm.SamplingParams(**params))
+        async for out in stream:
+            yield list(out.outputs[0].token_ids), out.finished
+
+    async def _final(self, prompt: list[int], params: dict) -> list[int]:
+        tokens: list[int] = []
+        async for tokens, _ in self._generate(prompt, params):
+            pass
+        return tokens
+
+    def _row(self, options: list[str], prompt: list[int], votes: list[list[int]], usage: bool) -> dict:
+        p = self.reader.read(options, votes)
+        row = {"generation": p.generation, "pred_index": int(p.pred_index)}
+        if usage:
+            row["usage"] = {"prompt_tokens": len(prompt), "completion_tokens": len(votes[0]),
+                            "finish_reason": "length" if p.truncated else "stop"}
+        return row
+
+    async def predict_items(self, items: list[tuple]) -> list[dict]:
+        """Serve's (question, options, passage strings[, usage]) items -> {generation, pred_index[, usage]}."""
+        import asyncio
+
+        reqs = self.requests.build([it[0] for it in items], [list(it[1]) for it in items], [list(it[2]) for it in items])
+        votes = await asyncio.gather(*[asyncio.gather(*[self._final(prompt, p) for p in params])
+                                       for prompt, params in reqs])
+        return [self._row(list(it[1]), prompt, list(v), len(it) > 3 and bool(it[3]))
+                for it, (prompt, _), v in zip(items, reqs, votes)]
+
+    async def stream(self, question: str, options: list[str], passages: list[str]):
+        """{"text": piece}... as vLLM writes, then {"answer": {generation, pred_index, usage}}."""
+        ((prompt, params),) = self.requests.build([question], [list(options)], [list(passages)])
+        if len(params) > 1:  # a vote over samples: nothing to stream token by token
+            row = (await self.predict_items([(question, options, passages, True)]))[0]
+            yield {"text": row["generation"]}
+            yield {"answer": row}
+            return
+        text, tokens = "", []
+        async for tokens, _ in self._generate(prompt, params[0]):
+            now = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if len(now) > len(text) and now.startswith(text):
+                yield {"text": now[len(text):]}
+                text = now
+        yield {"answer": self._row(list(options), prompt, [tokens], True)}
 
 
 def processor_config(model_dir: str, eval_cfg: dict, max_source_length: int, seed: int):
@@ -115,13 +212,10 @@ def processor_config(model_dir: str, eval_cfg: dict, max_source_length: int, see
 
     from kard_ray.models import model_path
 
-    max_new = resolve_max_new_tokens(model_dir, eval_cfg["max_new_tokens"])
-    engine = {**ENGINE_DEFAULTS, "seed": seed, "max_model_len": max_source_length + max_new,
-              **(eval_cfg.get("vllm_engine_kwargs") or {})}
     return vLLMEngineProcessorConfig(
-        model_source=model_path(model_dir), engine_kwargs=engine, batch_size=int(eval_cfg["batch_size"]),
-        concurrency=int(eval_cfg["num_actors"]), chat_template_stage=False, tokenize_stage=False,
-        detokenize_stage=False)
+        model_source=model_path(model_dir), engine_kwargs=engine_kwargs(model_dir, eval_cfg, max_source_length, seed),
+        batch_size=int(eval_cfg["batch_size"]), concurrency=int(eval_cfg["num_actors"]), chat_template_stage=False,
+        tokenize_stage=False, detokenize_stage=False)
 
 
 def vllm_predictions(ds, model_dir: str, dataset: str, eval_cfg: dict, max_source_length: int, seed: int):

@@ -150,12 +150,24 @@ class Generator:
 
         t0 = time.time()
         e = cfg.eval
+        device = _device()
+        # eval.engine: vllm on a GPU replica: vLLM's async engine generates; the HF student stays on the CPU
+        # for its tokenizer (and nothing else)
+        on_vllm = e.engine == "vllm" and device == "cuda"
         # The evaluation stage's exact settings: same formatting, decoding and answer reading.
         self.student = StudentGenerator(
             model_dir, cfg.data.dataset, max_new_tokens=e.max_new_tokens, decoding=e.decoding, n_votes=e.n_votes,
             temperature=e.temperature, max_source_length=cfg.student.max_source_length, score_by=e.score_by,
-            seed=cfg.seed, device=_device())
+            seed=cfg.seed, device="cpu" if on_vllm else device)
         self.model_dir = model_dir
+        self.vllm = None
+        if on_vllm:
+            from kard_ray.inference.vllm_engine import VllmStudent
+
+            self.vllm = VllmStudent(model_dir, cfg.data.dataset, cfg.to_dict()["eval"],
+                                    cfg.student.max_source_length, cfg.seed)
+        elif e.engine == "vllm":
+            log.warning("Generator: eval.engine is vllm but this replica has no GPU; generating with HF")
         self.lock = threading.Lock()  # a cancelled batch's thread may still be generating
         self.predict.set_max_batch_size(cfg.serve.max_batch_size)
         self.predict.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
@@ -186,7 +198,10 @@ class Generator:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def predict(self, items: list[tuple]) -> list[dict]:
         """items: (question, options, passage strings[, usage]) -> {generation, pred_index[, usage]}, one per item."""
-        out = await asyncio.to_thread(_locked, self.lock, self._predict_items, items)
+        if self.vllm is not None:
+            out = await self.vllm.predict_items(items)
+        else:
+            out = await asyncio.to_thread(_locked, self.lock, self._predict_items, items)
         self.batches += 1
         self.batched_requests += len(items)
         return out
@@ -209,6 +224,12 @@ class Generator:
     async def stream(self, question: str, options: list[str], passages: list[str]):
         """{"text": piece}... as the student writes, then {"answer": {generation, pred_index, usage}}."""
         item = (question, list(options), list(passages), True)
+        if self.vllm is not None:
+            async for ev in self.vllm.stream(question, list(options), list(passages)):
+                yield ev
+            self.batches += 1
+            self.batched_requests += 1
+            return
         if self.student.n_votes > 1:  # the answer is a vote over several samples: nothing to stream token by token
             row = (await asyncio.to_thread(_locked, self.lock, self._predict_items, [item]))[0]
             yield {"text": row["generation"]}
