@@ -569,7 +569,7 @@ class ServeConfig:
         "max_ongoing_requests is at least what the Ingress replicas admit, so requests wait inside replicas, not in "
         "Serve's routers.")
     retry_after_s: float = _f(1.0, "Retry-After (seconds) on a 503 when the service is over capacity or draining.")
-    calls_by_value: bool = _f(False, "The Ingress calls Retriever, Reranker and Generator over Serve's direct gRPC channel between replicas (`handle.options(_by_reference=False)`) instead of Ray actor calls with object refs. Measured at c=1 in alternation: Serve's overhead over in-process 14.6 and 29.3 ms against 27.5 and 50.5 ms by reference (bench/bench_serve.py); off by default because under overload (c=128) it kept 13.0 req/s of 200s against a 28.9 req/s peak (0.45x; measured with the earlier 8 + 16 Ingress bounds).")
+    calls_by_value: bool = _f(True, "The Ingress calls Retriever, Reranker and Generator over Serve's direct gRPC channel between replicas (`handle.options(_by_reference=False)`) instead of Ray actor calls with object refs. Measured on 2026-12-06, idle machine (bench/bench_serve.py): c=1 overhead over in-process 18.2 ms against 30.2 ms by reference; under `hey` (the test-size demo run) c=8 36.3 vs 40.0 req/s, c=128 27.2 vs 21.8 req/s of 200s (0.75x vs 0.54x of the best lower concurrency), p99 4.4 vs 8.2 s. false: actor calls with object refs.")
     drain_timeout_s: float = _f(60.0, "`kard-ray serve` on SIGTERM: refuse new requests and wait at most this long for "
                                       "in-flight ones to finish before shutting down.")
 
