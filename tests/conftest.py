@@ -132,7 +132,9 @@ DEMO_TEST_OVERRIDES = [
     "student.checkpoint_every_steps=0",
     "eval.oracle=false",
 ]
-PEOPLE_TEST_OVERRIDES = ["methods=[rd,kard_bm25,kard_reranker]", *DEMO_TEST_OVERRIDES[1:]]
+# The second family runs with decoder-only students (a tiny Llama-style causal LM): the same recipe on other
+# data and another architecture, in one run instead of a third (README: Tests).
+PEOPLE_TEST_OVERRIDES = ["methods=[rd,kard_bm25,kard_reranker]", *DEMO_TEST_OVERRIDES[1:], "student.architecture=causal"]
 
 
 FAMILY_RUNS = {  # fixture -> (config, test-size overrides, env var naming a run directory to reuse)
