@@ -273,7 +273,8 @@ RERUNS = {
     "reranker.lr=2e-3": ["reranker", "evaluate"],
     "student.lr=2e-3": ["student", "evaluate"],
     "eval.score_by=likelihood": ["evaluate"],
-    "student.architecture=causal": ["student", "evaluate"],  # a causal student reuses everything up to the reranker
+    "student.architecture=causal": ["student", "evaluate"],
+    "eval.vllm_engine_kwargs={dtype: float32}": ["evaluate"],  # the eval section, eval.engine with it  # a causal student reuses everything up to the reranker
     "seed=1": ["mine", "reranker", "student", "evaluate"],
 }
 

@@ -22,7 +22,8 @@ from kard_ray.inference.generator import (Prediction, decode_generations, eos_id
                                           read_prediction, resolve_max_new_tokens, sample_seed)
 
 # What vLLM is given unless eval.vllm_engine_kwargs says otherwise: the student's own dtype (a fp32 tiny
-# student stays fp32, so greedy answers match HF's), and a seed for anything vLLM samples without one.
+# student stays fp32, so greedy answers match HF's) and prefix caching (a question's votes share a prompt);
+# `engine_kwargs` adds the run's seed and the context length.
 ENGINE_DEFAULTS = {"dtype": "auto", "enable_prefix_caching": True}
 # What HF `generate` samples with when the student's generation_config leaves top_k unset (transformers'
 # own default); vLLM's default is no top-k at all.
@@ -32,7 +33,7 @@ HF_TOP_K = 50
 def sampling_params(eval_cfg: dict, generation: dict, max_new_tokens: int, seed: int, key: str, vote: int) -> dict:
     """vLLM SamplingParams of one vote: greedy (temperature 0), or a sample seeded like the HF engine's,
     with the student's generation_config top-k/top-p (what HF `generate` samples with)."""
-    params: dict[str, Any] = {"max_tokens": max_new_tokens, "detokenize": False, "skip_special_tokens": True}
+    params: dict[str, Any] = {"max_tokens": max_new_tokens, "detokenize": False}  # token ids: we decode them
     if eval_cfg["decoding"] != "sample":
         return {**params, "temperature": 0.0}
     top_k, top_p = generation.get("top_k"), generation.get("top_p")
@@ -40,19 +41,27 @@ def sampling_params(eval_cfg: dict, generation: dict, max_new_tokens: int, seed:
             "top_k": HF_TOP_K if top_k is None else int(top_k), "top_p": 1.0 if top_p is None else float(top_p)}
 
 
+def _student_files(model_dir: str, eval_cfg: dict):
+    """(tokenizer, generation config, max_new_tokens) of a student directory: what building requests and
+    reading outputs both need."""
+    from transformers import GenerationConfig
+
+    from kard_ray.models import load_tokenizer, model_path
+
+    return (load_tokenizer(model_dir), GenerationConfig.from_pretrained(model_path(model_dir)),
+            resolve_max_new_tokens(model_dir, eval_cfg["max_new_tokens"]))
+
+
 class VllmRequests:
     """What vLLM is asked for each question: `StudentGenerator.encode`'s prompt token ids and one
     SamplingParams dict per vote."""
 
-    def __init__(self, model_dir: str, dataset: str, eval_cfg: dict, max_source_length: int, seed: int):
-        from transformers import GenerationConfig
-
-        from kard_ray.models import load_tokenizer, model_path
-
-        self.tokenizer = load_tokenizer(model_dir)
+    def __init__(self, model_dir: str, dataset: str, eval_cfg: dict, max_source_length: int, seed: int,
+                 files: tuple | None = None):
+        """`files`: `_student_files`' result when the caller has loaded them already."""
+        self.tokenizer, generation, self.max_new_tokens = files or _student_files(model_dir, eval_cfg)
+        self.generation = generation.to_dict()
         self.dataset, self.eval_cfg, self.max_source_length, self.seed = dataset, eval_cfg, max_source_length, seed
-        self.generation = GenerationConfig.from_pretrained(model_path(model_dir)).to_dict()
-        self.max_new_tokens = resolve_max_new_tokens(model_dir, eval_cfg["max_new_tokens"])
         self.votes = int(eval_cfg["n_votes"]) if eval_cfg["decoding"] == "sample" else 1
 
     def build(self, questions: list[str], options: list[list[str]], passages: list) -> list[tuple[list[int], list[dict]]]:
@@ -96,14 +105,10 @@ class VllmReading:
     """Ray Data stage after the engine: a question's votes (all its rows) decoded and read into the
     columns `PredictBatch` writes (the evaluation adds method, retrieval and correct)."""
 
-    def __init__(self, model_dir: str, eval_cfg: dict):
-        from transformers import GenerationConfig
-
-        from kard_ray.models import load_tokenizer, model_path
-
-        self.tokenizer, self.score_by = load_tokenizer(model_dir), eval_cfg["score_by"]
-        self.eos = eos_ids(GenerationConfig.from_pretrained(model_path(model_dir)))
-        self.max_new_tokens = resolve_max_new_tokens(model_dir, eval_cfg["max_new_tokens"])
+    def __init__(self, model_dir: str, eval_cfg: dict, files: tuple | None = None):
+        """`files`: `_student_files`' result when the caller has loaded them already."""
+        self.tokenizer, generation, self.max_new_tokens = files or _student_files(model_dir, eval_cfg)
+        self.eos, self.score_by = eos_ids(generation), eval_cfg["score_by"]
 
     def read(self, options: list[str], token_rows: list[list[int]]) -> Prediction:
         """One question's prediction from its votes' generated token ids (in vote order)."""
@@ -148,8 +153,9 @@ class VllmStudent:
         from kard_ray.models import model_path
 
         self.vllm = vllm
-        self.requests = VllmRequests(model_dir, dataset, eval_cfg, max_source_length, seed)
-        self.reader = VllmReading(model_dir, eval_cfg)
+        files = _student_files(model_dir, eval_cfg)
+        self.requests = VllmRequests(model_dir, dataset, eval_cfg, max_source_length, seed, files)
+        self.reader = VllmReading(model_dir, eval_cfg, files)
         self.tokenizer = self.requests.tokenizer
         args = vllm.AsyncEngineArgs(model=model_path(model_dir),
                                     **engine_kwargs(model_dir, eval_cfg, max_source_length, seed))

@@ -151,23 +151,23 @@ class Generator:
         t0 = time.time()
         e = cfg.eval
         device = _device()
-        # eval.engine: vllm on a GPU replica: vLLM's async engine generates; the HF student stays on the CPU
-        # for its tokenizer (and nothing else)
-        on_vllm = e.engine == "vllm" and device == "cuda"
-        # The evaluation stage's exact settings: same formatting, decoding and answer reading.
-        self.student = StudentGenerator(
-            model_dir, cfg.data.dataset, max_new_tokens=e.max_new_tokens, decoding=e.decoding, n_votes=e.n_votes,
-            temperature=e.temperature, max_source_length=cfg.student.max_source_length, score_by=e.score_by,
-            seed=cfg.seed, device="cpu" if on_vllm else device)
         self.model_dir = model_dir
-        self.vllm = None
-        if on_vllm:
+        # eval.engine: vllm on a GPU replica: vLLM's async engine generates, with the evaluation's requests and
+        # reading (no HF student is loaded); anywhere else the HF student does
+        self.student, self.vllm = None, None
+        if e.engine == "vllm" and device == "cuda":
             from kard_ray.inference.vllm_engine import VllmStudent
 
             self.vllm = VllmStudent(model_dir, cfg.data.dataset, cfg.to_dict()["eval"],
                                     cfg.student.max_source_length, cfg.seed)
-        elif e.engine == "vllm":
-            log.warning("Generator: eval.engine is vllm but this replica has no GPU; generating with HF")
+        else:
+            if e.engine == "vllm":
+                log.warning("Generator: eval.engine is vllm but this replica has no GPU; generating with HF")
+            # The evaluation stage's exact settings: same formatting, decoding and answer reading.
+            self.student = StudentGenerator(
+                model_dir, cfg.data.dataset, max_new_tokens=e.max_new_tokens, decoding=e.decoding, n_votes=e.n_votes,
+                temperature=e.temperature, max_source_length=cfg.student.max_source_length, score_by=e.score_by,
+                seed=cfg.seed, device=device)
         self.lock = threading.Lock()  # a cancelled batch's thread may still be generating
         self.predict.set_max_batch_size(cfg.serve.max_batch_size)
         self.predict.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
@@ -266,7 +266,7 @@ class Generator:
                 "mean_batch_size": round(self.batched_requests / self.batches, 2) if self.batches else None}
 
     async def check_health(self) -> None:
-        if self.student.model is None:  # pragma: no cover - defensive
+        if self.vllm is None and self.student.model is None:  # pragma: no cover - defensive
             raise RuntimeError("student not loaded")
 
 
