@@ -20,8 +20,10 @@ def _text(i: int) -> str:
 
 
 @pytest.mark.timeout(240)
-def test_dedup_across_files_and_blocks_keeps_the_first_by_file_order(ray_session, tmp_path):
-    from kard_ray.knowledge import ingest_corpus
+@pytest.mark.parametrize("shuffled", [True, False], ids=["hash-shuffled", "one-block"])
+def test_dedup_across_files_and_blocks_keeps_the_first_by_file_order(ray_session, tmp_path, monkeypatch, shuffled):
+    """Both ways: the hash shuffles of a large corpus, and the one block a small corpus is ingested in."""
+    from kard_ray.knowledge import ingest, ingest_corpus
     from kard_ray.knowledge.text import text_hash
 
     rng = random.Random(3)
@@ -47,6 +49,7 @@ def test_dedup_across_files_and_blocks_keeps_the_first_by_file_order(ray_session
             data = "".join(json.dumps(r) + "\n" for r in rows).encode()
             p.write_bytes(gzip.compress(data) if p.name.endswith(".gz") else data)
 
+    monkeypatch.setattr(ingest, "ONE_BLOCK_ROWS", 0 if shuffled else 4 * 400)
     run = io.RunDir(str(tmp_path / "run"))
     cfg = KnowledgeConfig(words_per_passage=100, ingest_block_rows=64)  # ~25 blocks: copies meet across blocks
     counts = ingest_corpus([str(p) for p in paths], run, cfg)

@@ -86,6 +86,40 @@ def test_three_shards_equal_one_index_on_the_slice(ray_session, slice_run):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("k", [1, 10])
+def test_pruned_shards_searched_against_a_corpus_wide_floor_equal_one_index(slice_run, tmp_path, k):
+    """Large shards are searched in two rounds: the k-th best of every shard's seed scores is a floor
+    under the corpus-wide k-th best, and each shard prunes against it. Forced here on the slice's 3 small
+    shards: the same top-k as one index scoring every passage, with fewer passages scored."""
+    from kard_ray.knowledge import BM25Index
+    from kard_ray.knowledge.sharded import build_sharded_bm25, load_bm25
+
+    run, rows = slice_run
+    single = BM25Index.build(io.read_table(run.passages), BM25Config())
+    build_sharded_bm25(run.passages, str(tmp_path / "bm25"), BM25Config(), n_shards=3)
+    sharded = load_bm25(str(tmp_path / "bm25"))
+    shards = list(sharded.local.shards.values())
+    queries = _queries(rows)
+    scored = {}
+    for floors in (False, True):
+        sharded.floors = floors
+        for idx in shards:
+            idx.prune = True
+        got_ids, got_scores, scored[floors] = [], [], 0
+        for q in queries:  # one at a time, to count the passages each query scores
+            ids, sc = sharded.search([q], k)
+            got_ids += ids
+            got_scores.append(sc[0])
+            scored[floors] += sum(idx._pruning.scored for idx in shards)
+        want_ids, want_scores = single.search(queries, k)  # the slice is small: every passage scored
+        if k == K:
+            _assert_same_topk(single, want_ids, want_scores, got_ids, np.stack(got_scores), queries)
+        else:
+            np.testing.assert_array_equal(np.stack(got_scores), want_scores)
+    assert scored[True] < 0.9 * scored[False], scored
+
+
+@pytest.mark.timeout(300)
 def test_serve_retriever_over_shard_actors_equals_batch_retrieve(ray_session, slice_run):
     from kard_ray.knowledge import Retriever, retrieve
     from kard_ray.knowledge.sharded import ShardedBM25

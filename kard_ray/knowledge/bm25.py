@@ -121,12 +121,15 @@ class BM25Index:
         vocab = self.vocab
         return [vocab[t] for t in self.tokenizer(query) if t in vocab]
 
-    def search_rows(self, queries: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search_rows(self, queries: list[str], k: int, floors: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (row numbers [n, k'], scores [n, k']) with k' = min(k, passages), best first; equal
         scores in the smaller row first.
 
         Scores are bm25s's float32 sums, bit for bit; only the passages that can reach the top k are
         scored (`exact_top_k`). Passages no query term matches score 0 and fill a short list from row 0.
+        `floors` (one per query, from `seed_scores` of other shards): only passages scoring at least the
+        floor are ranked exactly; below it the list holds whatever pruning left (a shard's part of a
+        corpus-wide top k, whose k-th best is at least the floor).
         """
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -134,17 +137,35 @@ class BM25Index:
         rows = np.zeros((len(queries), k), dtype=np.int64)
         scores = np.zeros((len(queries), k), dtype=np.float32)
         for i, q in enumerate(queries):
-            rows[i], scores[i] = self.top_k(self.query_token_ids(q), k)
+            rows[i], scores[i] = self.top_k(self.query_token_ids(q), k, 0.0 if floors is None else float(floors[i]))
         return rows, scores
 
-    def top_k(self, qids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows and scores of one query given as vocabulary ids (repeats count once each)."""
+    def _lists(self) -> "PostingLists":
         if self._pruning is None:
             self._pruning = PostingLists.of(self.bm25)
-        if self._pruning.exact:
-            return exact_top_k(self._pruning, qids, k, self.prune)
+        return self._pruning
+
+    def top_k(self, qids: list[int], k: int, floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows and scores of one query given as vocabulary ids (repeats count once each)."""
+        if self._lists().exact:
+            return exact_top_k(self._pruning, qids, k, self.prune, floor)
         scores = self.bm25.get_scores_from_ids(qids) if qids else np.zeros(len(self), np.float32)
         return select_top_k(np.arange(len(scores)), scores, k)
+
+    def seed_scores(self, queries: list[str], k: int) -> np.ndarray:
+        """[n, k]: per query, the k best exact scores (descending, 0-padded) of the passages holding its
+        rarest terms (`exact_top_k`'s seed): real passages' scores, so across shards their k-th best is a
+        lower bound on the corpus-wide k-th best score (the floor `search_rows` takes)."""
+        out = np.zeros((len(queries), k), dtype=np.float32)
+        if not self._lists().exact:
+            return out
+        for i, q in enumerate(queries):
+            qids = self.query_token_ids(q)
+            if qids:
+                _, sc = seed_of(self._pruning, qids, k)
+                sc = -np.sort(-sc)[:k]
+                out[i, :len(sc)] = sc
+        return out
 
     def search(self, queries: list[str], k: int) -> tuple[list[list[str]], np.ndarray]:
         """Ids per query and scores [n, k'] (k' = min(k, passages)), descending."""
@@ -210,10 +231,12 @@ def build_bm25_from_parquet(passages_path: str, index_path: str, cfg: BM25Config
 # common terms of a query dominate. MaxScore (Turtle & Flood 1995) keeps the answer exact while scoring
 # only passages that can still reach the top k: with theta a lower bound on the k-th best score, terms
 # whose upper bounds sum below theta are "non-essential" -- a passage holding only those cannot reach
-# theta -- so the candidates are the postings of the essential (rare) terms; of those, only the ones
-# whose essential weights plus the non-essential upper bounds reach theta are scored in full: the same
-# float32 sums in the same term order as bm25s's, the other weights looked up by binary search. bm25s
-# has no pruning; this is the part it does not do.
+# theta -- so the candidates are the postings of the essential (rare) terms. Their essential weights are
+# looked up first; then the non-essential terms one at a time, largest bound first, each time dropping the
+# candidates that could no longer reach theta with the remaining terms at their bounds, so the common terms
+# (the longest lists) are searched for a few passages only. The survivors' scores are the same float32 sums
+# in the same term order as bm25s's. Across shards, a floor under theta comes from every shard's seed
+# (`ShardedBM25.search_rows`). bm25s has no pruning; this is the part it does not do.
 
 
 class PostingLists:
@@ -229,7 +252,9 @@ class PostingLists:
     @classmethod
     def of(cls, bm25) -> "PostingLists":
         st = bm25.scores
-        lists = cls(st["data"], st["indices"], st["indptr"])
+        # Plain ndarray views of the memory-mapped arrays: slicing an np.memmap builds a memmap object
+        # each time, ~2 us, and a query slices ~25 posting lists per shard.
+        lists = cls(np.asarray(st["data"]), np.asarray(st["indices"]), np.asarray(st["indptr"]))
         lists.n_docs = int(st["num_docs"])
         indptr = np.asarray(lists.indptr, dtype=np.int64)
         lengths = np.diff(indptr)
@@ -264,7 +289,9 @@ class PostingLists:
             hit = rows[pos] == col
             out[pos[hit]] = w[hit]
             return out
-        pos = np.minimum(np.searchsorted(col, rows), len(col) - 1)
+        # The rows in the column's own dtype: searchsorted would otherwise cast the whole column (a common
+        # term's posting list) to int64 on every call, a cost linear in the corpus.
+        pos = np.minimum(np.searchsorted(col, rows.astype(col.dtype, copy=False)), len(col) - 1)
         hit = col[pos] == rows
         out[hit] = w[pos[hit]]
         return out
@@ -279,7 +306,10 @@ class PostingLists:
             for c in cols:
                 mask[c] = True
             return np.flatnonzero(mask)
-        return np.unique(np.concatenate(cols).astype(np.int64))
+        if len(cols) == 1:  # a posting list is already ascending and distinct
+            return np.asarray(cols[0], dtype=np.int64)
+        rows = np.sort(np.concatenate(cols)).astype(np.int64)  # (np.unique hashes first: slower here)
+        return rows[np.concatenate(([True], rows[1:] != rows[:-1]))]
 
     def score(self, qids: list[int], rows: np.ndarray) -> np.ndarray:
         """Exact float32 scores of `rows` (ascending, distinct): the terms added in query order, as bm25s
@@ -298,9 +328,23 @@ DENSE_SHARE = 0.25
 DENSE_BELOW = 200_000
 
 
-def exact_top_k(lists: PostingLists, qids: list[int], k: int, prune: bool | None = None):
+def seed_of(lists: PostingLists, qids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The passages holding the query's rarest terms, taken in order until there are k (or every
+    term is taken), and their exact scores."""
+    seed_terms, seed = [], np.zeros(0, np.int64)
+    for t in sorted(set(qids), key=lists.df):
+        seed_terms.append(t)
+        seed = lists.union(seed_terms)
+        if len(seed) >= k:
+            break
+    return seed, lists.score(qids, seed)
+
+
+def exact_top_k(lists: PostingLists, qids: list[int], k: int, prune: bool | None = None, floor: float = 0.0):
     """The top k (rows, scores) of one query, exactly as a full scoring ranks them (ties: smaller row
-    first). `prune`: None decides by size (small corpora score densely), True/False forces it."""
+    first). `prune`: None decides by size (small corpora score densely), True/False forces it.
+    `floor`: a known lower bound on the k-th best score (of a larger corpus this one is a shard of);
+    passages below it may be missing from the answer."""
     if not qids:
         return select_top_k(np.zeros(0, np.int64), np.zeros(0, np.float32), k, lists.n_docs)
     terms = sorted(set(qids), key=lists.df)
@@ -308,18 +352,15 @@ def exact_top_k(lists: PostingLists, qids: list[int], k: int, prune: bool | None
         prune = lists.n_docs + sum(lists.df(t) for t in terms) > DENSE_BELOW
     if not prune:
         return _dense_top_k(lists, qids, k)
-    # 1. A lower bound on the k-th best score: the exact scores of the rarest terms' passages.
-    seed_terms, seed = [], np.zeros(0, np.int64)
-    for t in terms:
-        seed_terms.append(t)
-        seed = lists.union(seed_terms)
-        if len(seed) >= k:
-            break
-    if len(seed) < k:  # fewer than k passages match at all: they are the answer, the rest score 0
-        lists.scored = len(seed)
-        return select_top_k(seed, lists.score(qids, seed), k, lists.n_docs)
-    seed_scores = lists.score(qids, seed)
-    theta = float(np.partition(seed_scores, len(seed) - k)[len(seed) - k])
+    # 1. A lower bound on the k-th best score: the exact scores of the rarest terms' passages (a floor from
+    #    every shard's seeds is at least this shard's own).
+    theta = floor
+    if floor <= 0:
+        seed, seed_scores = seed_of(lists, qids, k)
+        if len(seed) < k:  # fewer than k passages match at all: they are the answer, the rest score 0
+            lists.scored = len(seed)
+            return select_top_k(seed, seed_scores, k, lists.n_docs)
+        theta = float(np.partition(seed_scores, len(seed) - k)[len(seed) - k])
     # 2. Non-essential terms: the smallest upper bounds (times repeats) whose sum stays below theta.
     counts = {t: qids.count(t) for t in terms}
     by_bound = sorted(terms, key=lambda t: counts[t] * lists.upper[t])
@@ -330,18 +371,33 @@ def exact_top_k(lists: PostingLists, qids: list[int], k: int, prune: bool | None
             essential = by_bound[i:]
             break
         rest = bound  # what the non-essential terms can add, at most
-    # 3. Candidates: every passage holding an essential term (plus the seed).
+    # 3. Candidates: every passage holding an essential term (every passage scoring theta or more does:
+    #    the other terms together stay below it).
     if sum(lists.df(t) for t in essential) > DENSE_SHARE * lists.n_docs:
         return _dense_top_k(lists, qids, k)
-    cand = np.union1d(lists.union(essential), seed)
-    # 4. Their essential weights are cheap (each list is searched in the candidates); only those that could
-    #    still reach theta with every non-essential term at its upper bound are scored in full.
+    cand = lists.union(essential)
+    # 4. Their essential weights are cheap (each list is searched in the candidates). Then the non-essential
+    #    terms, largest bound first: after each, only the candidates that could still reach theta with the
+    #    remaining terms at their upper bounds stay, so the common terms are looked up for few passages.
+    weights = {t: lists.weights_at(t, cand, sorted_rows=True) for t in essential}
     partial = np.zeros(len(cand), dtype=np.float64)
     for t in essential:
-        partial += counts[t] * lists.weights_at(t, cand, sorted_rows=True)
-    cand = cand[(partial + rest) * (1 + 1e-4) >= theta]
+        partial += counts[t] * weights[t]
+    for t in [None, *reversed(by_bound[:len(by_bound) - len(essential)])]:
+        if t is not None:
+            weights[t] = lists.weights_at(t, cand, sorted_rows=True)
+            partial += counts[t] * weights[t]
+            rest -= counts[t] * float(lists.upper[t])
+        keep = (partial + max(rest, 0.0)) * (1 + 1e-4) >= theta
+        if not keep.all():
+            cand, partial = cand[keep], partial[keep]
+            weights = {u: w[keep] for u, w in weights.items()}
+    # 5. The survivors' exact scores: the same float32 additions in the same term order as bm25s.
+    scores = np.zeros(len(cand), dtype=np.float32)
+    for t in qids:
+        scores += weights[t]
     lists.scored = len(cand)
-    return select_top_k(cand, lists.score(qids, cand), k, lists.n_docs)
+    return select_top_k(cand, scores, k, lists.n_docs)
 
 
 def _dense_top_k(lists: PostingLists, qids: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -46,6 +46,7 @@ from kard_ray.knowledge.text import BM25Tokenizer, format_passage
 META_FILE = "kard_bm25_shards.json"
 FORMAT_VERSION = 1
 SHARD_DIR = "shard-{:05d}"
+FLOORS_ABOVE = 1_000_000  # passages in the largest shard
 
 
 def is_sharded(path: str) -> bool:
@@ -308,8 +309,12 @@ class BM25ShardActor:
         d = local_dir(path)
         self.shards = {s: BM25Index.load(os.path.join(d, SHARD_DIR.format(s))) for s in shards}
 
-    def search_rows(self, queries: list[str], k: int) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-        return {s: idx.search_rows(queries, k) for s, idx in self.shards.items()}
+    def search_rows(self, queries: list[str], k: int, floors: np.ndarray | None = None
+                    ) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        return {s: idx.search_rows(queries, k, floors) for s, idx in self.shards.items()}
+
+    def seed_scores(self, queries: list[str], k: int) -> dict[int, np.ndarray]:
+        return {s: idx.seed_scores(queries, k) for s, idx in self.shards.items()}
 
     def score_rows(self, query: str, rows_by_shard: dict[int, np.ndarray]) -> dict[int, np.ndarray]:
         return {s: self.shards[s].score_rows(query, r) for s, r in rows_by_shard.items()}
@@ -378,6 +383,9 @@ class ShardedBM25:
         self.shards = [_Shard(int(self.store.offsets[s]), int(self.store.offsets[s + 1] - self.store.offsets[s]))
                        for s in range(n)]
         self.actors = actors
+        # Search in two rounds (see search_rows) where shards are large: measured in-process, one thread, the
+        # floor round cost ~7% at 1M passages in 2 shards and saved ~20% at 5M in 4 (README "Pruned exact search").
+        self.floors = n > 1 and max(sh.size for sh in self.shards) > FLOORS_ABOVE
         self.local = None
         self.actor_shards: list[list[int]] = []
         if actors is None:
@@ -414,7 +422,14 @@ class ShardedBM25:
         k = min(k, len(self))
         if not queries:
             return np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        res = self._fan_out("search_rows", queries, k)
+        floors = None
+        if self.floors:
+            # Round 1: every shard's seed scores (real passages' exact scores, cheap); the k-th best of them
+            # all is a lower bound on the corpus-wide k-th best score, higher than any one shard finds alone.
+            # Round 2 then prunes each shard against that floor: fewer essential terms and candidates.
+            seeds = self._fan_out("seed_scores", queries, k)
+            floors = -np.sort(-np.concatenate([seeds[s] for s in sorted(seeds)], axis=1), axis=1)[:, k - 1]
+        res = self._fan_out("search_rows", queries, k, floors)
         rows = np.concatenate([res[s][0] + self.shards[s].offset for s in range(len(self.shards))], axis=1)
         scores = np.concatenate([res[s][1] for s in range(len(self.shards))], axis=1).astype(np.float32)
         order = np.lexsort((rows, -scores), axis=-1)[:, :k]
