@@ -87,12 +87,12 @@ def test_three_shards_equal_one_index_on_the_slice(ray_session, slice_run):
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("k", [1, 10])
-def test_pruned_shards_searched_against_a_corpus_wide_floor_equal_one_index(slice_run, tmp_path, k):
+def test_pruned_shards_searched_against_a_corpus_wide_floor_equal_one_index(ray_session, slice_run, tmp_path, k):
     """Large shards are searched in two rounds: the k-th best of every shard's seed scores is a floor
     under the corpus-wide k-th best, and each shard prunes against it. Forced here on the slice's 3 small
     shards: the same top-k as one index scoring every passage, with fewer passages scored."""
     from kard_ray.knowledge import BM25Index
-    from kard_ray.knowledge.sharded import build_sharded_bm25, load_bm25
+    from kard_ray.knowledge.sharded import build_sharded_bm25, load_bm25, start_shard_actors
 
     run, rows = slice_run
     single = BM25Index.build(io.read_table(run.passages), BM25Config())
@@ -117,6 +117,17 @@ def test_pruned_shards_searched_against_a_corpus_wide_floor_equal_one_index(slic
         else:
             np.testing.assert_array_equal(np.stack(got_scores), want_scores)
     assert scored[True] < 0.9 * scored[False], scored
+    # through shard actors (2 of them), as the Serve Retriever and `retrieve` search: the floor round's
+    # seed scores and floors travel to the actors and back, and the answer is the same
+    actors = start_shard_actors(str(tmp_path / "bm25"), BM25Config(shards_per_actor=2))
+    try:
+        remote = load_bm25(str(tmp_path / "bm25"), actors=actors)
+        remote.floors = True
+        ids, sc = remote.search(queries, k)
+        np.testing.assert_array_equal(sc, np.stack(got_scores))
+    finally:
+        for a in actors:
+            ray_session.kill(a)
 
 
 @pytest.mark.timeout(300)
