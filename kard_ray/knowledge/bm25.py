@@ -375,7 +375,14 @@ def exact_top_k(lists: PostingLists, qids: list[int], k: int, prune: bool | None
     #    the other terms together stay below it).
     if sum(lists.df(t) for t in essential) > DENSE_SHARE * lists.n_docs:
         return _dense_top_k(lists, qids, k)
-    cand = lists.union(essential)
+    non_essential = by_bound[:len(by_bound) - len(essential)]
+    return _score_candidates(lists, qids, k, lists.union(essential), essential, non_essential, rest, theta)
+
+
+def _score_candidates(lists: PostingLists, qids: list[int], k: int, cand: np.ndarray, essential: list[int],
+                      non_essential: list[int], rest: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """MaxScore's steps 4-5 over the candidates (the passages holding an essential term)."""
+    counts = {t: qids.count(t) for t in set(qids)}
     # 4. Their essential weights are cheap (each list is searched in the candidates). Then the non-essential
     #    terms, largest bound first: after each, only the candidates that could still reach theta with the
     #    remaining terms at their upper bounds stay, so the common terms are looked up for few passages.
@@ -383,7 +390,7 @@ def exact_top_k(lists: PostingLists, qids: list[int], k: int, prune: bool | None
     partial = np.zeros(len(cand), dtype=np.float64)
     for t in essential:
         partial += counts[t] * weights[t]
-    for t in [None, *reversed(by_bound[:len(by_bound) - len(essential)])]:
+    for t in [None, *reversed(non_essential)]:
         if t is not None:
             weights[t] = lists.weights_at(t, cand, sorted_rows=True)
             partial += counts[t] * weights[t]
