@@ -100,18 +100,18 @@ def test_pruned_shards_searched_against_a_corpus_wide_floor_equal_one_index(ray_
     sharded = load_bm25(str(tmp_path / "bm25"))
     shards = list(sharded.local.shards.values())
     queries = _queries(rows)
+    want_ids, want_scores = single.search(queries, k)  # the slice is small: every passage scored
+    for idx in shards:
+        idx.prune = True
     scored = {}
     for floors in (False, True):
         sharded.floors = floors
-        for idx in shards:
-            idx.prune = True
         got_ids, got_scores, scored[floors] = [], [], 0
         for q in queries:  # one at a time, to count the passages each query scores
             ids, sc = sharded.search([q], k)
             got_ids += ids
             got_scores.append(sc[0])
             scored[floors] += sum(idx._pruning.scored for idx in shards)
-        want_ids, want_scores = single.search(queries, k)  # the slice is small: every passage scored
         if k == K:
             _assert_same_topk(single, want_ids, want_scores, got_ids, np.stack(got_scores), queries)
         else:

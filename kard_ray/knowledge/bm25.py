@@ -147,8 +147,9 @@ class BM25Index:
 
     def top_k(self, qids: list[int], k: int, floor: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
         """Top-k rows and scores of one query given as vocabulary ids (repeats count once each)."""
-        if self._lists().exact:
-            return exact_top_k(self._pruning, qids, k, self.prune, floor)
+        lists = self._lists()
+        if lists.exact:
+            return exact_top_k(lists, qids, k, self.prune, floor)
         scores = self.bm25.get_scores_from_ids(qids) if qids else np.zeros(len(self), np.float32)
         return select_top_k(np.arange(len(scores)), scores, k)
 
@@ -157,12 +158,13 @@ class BM25Index:
         rarest terms (`exact_top_k`'s seed): real passages' scores, so across shards their k-th best is a
         lower bound on the corpus-wide k-th best score (the floor `search_rows` takes)."""
         out = np.zeros((len(queries), k), dtype=np.float32)
-        if not self._lists().exact:
+        lists = self._lists()
+        if not lists.exact:
             return out
         for i, q in enumerate(queries):
             qids = self.query_token_ids(q)
             if qids:
-                _, sc = seed_of(self._pruning, qids, k)
+                _, sc = seed_of(lists, qids, k)
                 sc = -np.sort(-sc)[:k]
                 out[i, :len(sc)] = sc
         return out
@@ -376,13 +378,14 @@ def exact_top_k(lists: PostingLists, qids: list[int], k: int, prune: bool | None
     if sum(lists.df(t) for t in essential) > DENSE_SHARE * lists.n_docs:
         return _dense_top_k(lists, qids, k)
     non_essential = by_bound[:len(by_bound) - len(essential)]
-    return _score_candidates(lists, qids, k, lists.union(essential), essential, non_essential, rest, theta)
+    return _score_candidates(lists, qids, counts, k, lists.union(essential), essential, non_essential, rest, theta)
 
 
-def _score_candidates(lists: PostingLists, qids: list[int], k: int, cand: np.ndarray, essential: list[int],
-                      non_essential: list[int], rest: float, theta: float) -> tuple[np.ndarray, np.ndarray]:
-    """MaxScore's steps 4-5 over the candidates (the passages holding an essential term)."""
-    counts = {t: qids.count(t) for t in set(qids)}
+def _score_candidates(lists: PostingLists, qids: list[int], counts: dict[int, int], k: int, cand: np.ndarray,
+                      essential: list[int], non_essential: list[int], rest: float,
+                      theta: float) -> tuple[np.ndarray, np.ndarray]:
+    """MaxScore's steps 4-5 over the candidates (the passages holding an essential term); `counts`: each
+    query term's repeats."""
     # 4. Their essential weights are cheap (each list is searched in the candidates). Then the non-essential
     #    terms, largest bound first: after each, only the candidates that could still reach theta with the
     #    remaining terms at their upper bounds stay, so the common terms are looked up for few passages.
