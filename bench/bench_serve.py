@@ -231,8 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
     rep = common.Report("serve", args)
     from kard_ray.serve import proxy
 
-    # Before Ray starts, so its HTTP proxy answers overload refusals in JSON (as `kard-ray serve` does).
-    os.environ.setdefault(proxy.CALLBACK_ENV, proxy.CALLBACK)
+    # Before Ray starts, so its HTTP proxy runs the admission gate and calls the Ingress by value (as
+    # `kard-ray serve` sets up with the default serve.calls_by_value).
+    proxy.set_proxy_environment()
     if args.load_only:
         if not args.load_run:
             p.error("--load-only needs --load-run RUN_DIR")

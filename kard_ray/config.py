@@ -564,8 +564,9 @@ class ServeConfig:
     ingress: AutoscalingConfig = _f(
         AutoscalingConfig(),
         "Ingress replicas. Its bounds are the service's capacity: max_ongoing_requests per replica in the graph at "
-        "once (null = 32), max_queued_requests more waiting at the HTTP proxy (null = 16); the next one is answered "
-        "503 + Retry-After at once (a JSON body via kard_ray.serve.proxy). The other deployments' null "
+        "once (null = 32), max_queued_requests more waiting at each HTTP proxy, first come first served (null = 16); "
+        "the next one is answered 503 + Retry-After at once, with a JSON body (kard_ray.serve.proxy's gate, where "
+        "its proxy callback is installed; else Serve's own bounds). The other deployments' null "
         "max_ongoing_requests is at least what the Ingress replicas admit, so requests wait inside replicas, not in "
         "Serve's routers.")
     retry_after_s: float = _f(1.0, "Retry-After (seconds) on a 503 when the service is over capacity or draining.")

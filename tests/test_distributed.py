@@ -325,9 +325,10 @@ def test_autoscaler_launches_workers_for_a_stage_and_releases_them(s3_server):
     seen: dict[str, dict] = {}
     try:
         nodes.start_head(num_cpus=head_cpus, extra=[f"--autoscaling-config={cfg_path}"], env=env)
-        # min_workers 0: no worker before there is work. The head's own entry can lag its job server by a
-        # moment on a loaded machine (seen once: no node listed yet), hence a short wait for exactly the head.
-        nodes.wait_for(lambda: set(nodes.alive_nodes()) == {"head"}, 60, "the head alone in the node list")
+        # min_workers 0: no worker before there is work. The head's own entry can lag its job server on a
+        # loaded machine (seen: no node listed yet; and not within 60 s while the suite's family runs trained
+        # beside it at idle priority), hence a wait for exactly the head.
+        nodes.wait_for(lambda: set(nodes.alive_nodes()) == {"head"}, 180, "the head alone in the node list")
         # No --working-dir: the fake provider's nodes share the head's session directory, and one released
         # there takes the job's unpacked working_dir with it. The code is this machine's install (an image's).
         job = nodes.submit(["python", str(REPO / "jobs" / "build_index.py"), "--config", str(REPO / "configs" / "demo.yaml"),

@@ -508,7 +508,93 @@ def test_proxy_turns_serves_plain_text_refusals_into_json():
     assert "retry after 1 s" in native.json()["message"]
     assert chat.status_code == 503 and chat.json()["error"]["code"] == "overloaded"  # OpenAI's envelope
     assert (ok.status_code, ok.text) == (200, "fine")
-    assert [m.cls for m in middlewares()] == [JsonRejections]
+    from kard_ray.serve.proxy import AdmissionGate
+
+    assert [m.cls for m in middlewares()] == [JsonRejections, AdmissionGate]  # the gate outermost
+
+
+def test_admission_gate_is_first_come_first_served_and_refuses_past_its_queue_at_once():
+    """kard_ray.serve.proxy.AdmissionGate around an ASGI app whose requests finish when the test says: 2 in the
+    app, 2 waiting in arrival order, the fifth refused at once (503 + Retry-After, JSON); a waiter whose client
+    leaves gives its place up; other methods and paths, and an app without published limits, pass untouched."""
+    import asyncio
+
+    import httpx
+
+    from kard_ray.serve.proxy import BODY_SCOPE_KEY, AdmissionGate, Limits
+
+    bodies = []
+
+    async def scenario():
+        entered, release = [], {}
+
+        async def app(scope, receive, send):
+            n = dict(scope["headers"]).get(b"x-n", b"-").decode()
+            entered.append(n)
+            bodies.append((scope.get(BODY_SCOPE_KEY), (await receive())["body"]))
+            if n != "-":
+                release[n] = asyncio.Event()
+                await release[n].wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": n.encode()})
+
+        limits = [[Limits(prefix="/v1/", ongoing=2, queued=2, retry_after_s=0.5, max_body_bytes=64)]]
+        gate = AdmissionGate(app, read_limits=lambda: limits[0])
+        lane = gate.lanes["/v1/"]
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://t") as c:
+            post = lambda n: asyncio.create_task(c.post("/v1/answer", headers={"x-n": n}, json={"q": n}))  # noqa: E731
+            tasks = {}
+            for n in "abcd":
+                tasks[n] = post(n)
+                await asyncio.sleep(0.01)
+            assert entered == ["a", "b"] and (lane.ongoing, len(lane.waiting)) == (2, 2)
+            refused = await c.post("/v1/answer", headers={"x-request-id": "r1"})
+            assert (await c.get("/v1/models")).status_code == 200 and (await c.post("/other")).status_code == 200
+            release["b"].set()  # b's slot goes to c, the first waiter
+            await asyncio.sleep(0.01)
+            assert entered[-1] == "c" and (await tasks["b"]).text == "b"
+            tasks["d"].cancel()  # d's client leaves while waiting
+            await asyncio.sleep(0.01)
+            assert len(lane.waiting) == 0 and lane.ongoing == 2
+            tasks["e"] = post("e")
+            await asyncio.sleep(0.01)
+            assert len(lane.waiting) == 1 and "e" not in entered
+            for n in "ace":
+                await asyncio.sleep(0.01)
+                release[n].set()
+            assert [(await tasks[n]).text for n in "ace"] == ["a", "c", "e"]
+            assert (lane.ongoing, len(lane.waiting)) == (0, 0) and entered.count("d") == 0
+            limits[0], gate.read_at = [], float("-inf")  # no application published: no gate
+            free = await asyncio.gather(*(c.post("/v1/answer") for _ in range(6)))
+        return refused, free
+
+    refused, free = asyncio.run(scenario())
+    assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+    assert refused.headers["x-request-id"] == "r1" and refused.json()["request_id"] == "r1"
+    assert refused.json()["error"] == "overloaded"
+    assert [r.status_code for r in free] == [200] * 6
+    # an admitted request's body travels in the scope (no fetch back to the proxy) and reads the same;
+    # one that passes no gate is read as usual
+    assert bodies[0] == (b'{"q":"a"}', b'{"q":"a"}') and all(b[0] is None for b in bodies[-6:])
+
+
+def test_replayed_body_then_the_disconnect_skipping_the_body_sent_again():
+    import asyncio
+
+    from kard_ray.serve.proxy import replayed_body
+
+    later = [{"type": "http.request", "body": b"x", "more_body": False}, {"type": "http.disconnect"}]
+
+    async def receive():
+        return later.pop(0)
+
+    async def read():
+        r = replayed_body(b"whole", receive)
+        return [await r(), await r()]
+
+    first, then = asyncio.run(read())
+    assert first == {"type": "http.request", "body": b"whole", "more_body": False}
+    assert then == {"type": "http.disconnect"}
 
 
 def test_hey_csv_rows_give_codes_rates_and_the_most_answered_requests_in_flight():

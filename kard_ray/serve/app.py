@@ -73,7 +73,7 @@ def served_method(run_dir: str) -> str:
 # every downstream deployment taking what the Ingress admits gave 23.3, 24.7 and 17.0 (p99 4.93 s). More in the
 # graph at once fills the generator's batches; fewer waiting in Serve's routers (which keep re-asking replicas
 # for room while a request waits) saves CPU.
-INGRESS_MAX_ONGOING, INGRESS_MAX_QUEUED = 32, 16
+INGRESS_MAX_ONGOING, INGRESS_MAX_QUEUED = 32, 8
 
 
 def max_ongoing(scale: AutoscalingConfig, min_ongoing: int = 5) -> int:
@@ -117,9 +117,30 @@ def _options(cfg: KardConfig, scale: AutoscalingConfig, *, num_gpus: float = 0.0
     }
 
 
-def deployment_options(cfg: KardConfig, method: str) -> dict[str, dict]:
-    """Options of each deployment, by name."""
+def proxy_gated() -> bool:
+    """Whether the HTTP proxies run kard_ray.serve.proxy's middlewares (the environment Ray was started with)."""
+    from kard_ray.serve import proxy
+
+    return os.environ.get(proxy.CALLBACK_ENV) == proxy.CALLBACK
+
+
+def admission_limits(cfg: KardConfig):
+    """What each HTTP proxy's AdmissionGate admits: the Ingress's capacity (kard_ray.serve.proxy)."""
+    from kard_ray.serve.proxy import Limits
+
     s = cfg.serve
+    ongoing = max_ongoing(s.ingress) if s.ingress.max_ongoing_requests is not None else INGRESS_MAX_ONGOING
+    queued = s.ingress.max_queued_requests if s.ingress.max_queued_requests is not None else INGRESS_MAX_QUEUED
+    return Limits(prefix=s.route_prefix.rstrip("/") + "/v1/", ongoing=ongoing * s.ingress.max_replicas,
+                  queued=queued if queued >= 0 else 2**31, retry_after_s=s.retry_after_s,
+                  max_body_bytes=s.max_body_bytes)
+
+
+def deployment_options(cfg: KardConfig, method: str, gated: Optional[bool] = None) -> dict[str, dict]:
+    """Options of each deployment, by name. `gated`: the proxies admit requests themselves (default:
+    `proxy_gated()`); Serve's queue in front of the Ingress is then only a backstop, never the bound."""
+    s = cfg.serve
+    gated = proxy_gated() if gated is None else gated
     # The Ingress only awaits the others: many requests in flight per replica cost it little.
     # The Ingress's bound is the service's capacity: the requests the graph works on at once
     # (max_ongoing_requests per replica) plus the few waiting at the proxy (max_queued_requests).
@@ -128,6 +149,10 @@ def deployment_options(cfg: KardConfig, method: str) -> dict[str, dict]:
     # replica (an asyncio wait for the model's lock or the next batch, free) rather than in the Ingress's
     # router for that deployment (which polls replicas for room while it waits).
     admitted = ingress["max_ongoing_requests"] * s.ingress.max_replicas
+    if gated and ingress["max_queued_requests"] != -1:
+        # A burst the gate admits is counted as queued by Serve's router until placed: room for all of it.
+        limits = admission_limits(cfg)
+        ingress["max_queued_requests"] = limits.ongoing + limits.queued
     out = {
         "Retriever": _options(cfg, s.retriever, min_ongoing=admitted),
         "Reranker": _options(cfg, s.reranker, min_ongoing=admitted),
@@ -153,12 +178,15 @@ def app_from_config(cfg: KardConfig, run_dir: Optional[str] = None, method: Opti
         raise ConfigError(f"method: {method!r} cannot be served; choose one of {', '.join(SERVABLE)}")
     if method == "kard_reranker" and found != "kard_reranker":
         raise FileNotFoundError(f"method=kard_reranker but {run.model(RERANKER)} does not exist")
-    opts = deployment_options(cfg, method)
+    gated = proxy_gated()
+    opts = deployment_options(cfg, method, gated)
     retriever = Retriever.options(**opts["Retriever"]).bind(run.root, cfg)
     reranker = Reranker.options(**opts["Reranker"]).bind(run.model(RERANKER) if METHODS[method].rerank else None, cfg)
     generator = Generator.options(**opts["Generator"]).bind(run.model(METHODS[method].student), cfg)
     settings = {"method": method, "k": cfg.eval.k, "k_star": cfg.reranker.k_star, "limits": Limits.from_config(cfg.serve),
-                "retry_after_s": cfg.serve.retry_after_s, "calls_by_value": cfg.serve.calls_by_value}
+                "retry_after_s": cfg.serve.retry_after_s, "calls_by_value": cfg.serve.calls_by_value,
+                # published by each Ingress replica where the proxies' gates read it (binding needs no Ray)
+                "admission": admission_limits(cfg) if gated else None}
     return Ingress.options(**opts["Ingress"]).bind(retriever, reranker, generator, settings)
 
 
@@ -255,9 +283,9 @@ def serve_run_dir(run_dir: str, overrides: list[str] | tuple[str, ...] = ()) -> 
 
     cfg = load_run_config(run_dir, list(overrides))
     method = served_method(cfg.run_dir)
-    # Before Ray starts, so the HTTP proxy it spawns answers overload refusals in JSON (a Ray cluster
-    # joined here keeps the environment its nodes were started with).
-    os.environ.setdefault(proxy.CALLBACK_ENV, proxy.CALLBACK)
+    # Before Ray starts, so the HTTP proxy it spawns admits requests through kard_ray.serve.proxy's gate and
+    # calls the Ingress by value (a Ray cluster joined here keeps the environment its nodes were started with).
+    proxy.set_proxy_environment(cfg.serve.calls_by_value)
     init_ray(cfg)
     # After ray.init (which installs its own SIGTERM handler) and before deploying, so a SIGTERM at
     # any point from here on - even mid-deploy - ends in serve.shutdown(), like Ctrl-C.

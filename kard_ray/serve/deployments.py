@@ -291,6 +291,10 @@ class Ingress:
         self.retry_after_s: float = settings.get("retry_after_s", 1.0)
         self.gate = Gate(self.retry_after_s)
         self.metrics = RouteMetrics()
+        if settings.get("admission") is not None:  # this application's capacity, for the HTTP proxies' gates
+            from kard_ray.serve.proxy import publish_limits
+
+            publish_limits(settings["admission"])
 
     def __serve_build_asgi_app__(self):
         # Built at replica start, so the request models carry this run's configured limits.

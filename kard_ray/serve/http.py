@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kard_ray.serve import openai_api as oai
+from kard_ray.serve.proxy import BODY_SCOPE_KEY, replayed_body
 from kard_ray.serve.api import (AnswerResponse, ErrorBody, Limits, RetrieveResponse, error_body, field_path,
                                 request_models)
 
@@ -197,6 +198,9 @@ class FrontMiddleware:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        body = scope.get(BODY_SCOPE_KEY)
+        if body is not None:  # sent along by the proxy's gate (kard_ray.serve.proxy): no fetch from the proxy
+            receive = replayed_body(body, receive)
         rid = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode() or uuid.uuid4().hex
         token = REQUEST_ID.set(rid)
         route, t0, status = route_of(scope), time.perf_counter(), [500]
