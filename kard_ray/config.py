@@ -564,7 +564,7 @@ class ServeConfig:
     ingress: AutoscalingConfig = _f(
         AutoscalingConfig(),
         "Ingress replicas. Its bounds are the service's capacity: max_ongoing_requests per replica in the graph at "
-        "once (null = 32), max_queued_requests more waiting at each HTTP proxy, first come first served (null = 16); "
+        "once (null = 32), max_queued_requests more waiting at each HTTP proxy, first come first served (null = 8); "
         "the next one is answered 503 + Retry-After at once, with a JSON body (kard_ray.serve.proxy's gate, where "
         "its proxy callback is installed; else Serve's own bounds). The other deployments' null "
         "max_ongoing_requests is at least what the Ingress replicas admit, so requests wait inside replicas, not in "

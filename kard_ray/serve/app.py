@@ -65,14 +65,14 @@ def served_method(run_dir: str) -> str:
 
 
 # The Ingress's bounds when the config leaves them null: the service's capacity, 32 requests in the graph
-# per Ingress replica + 16 waiting at the HTTP proxy. The queue must absorb a burst of arrivals: Serve counts a
-# request as queued until the router has placed it, so a queue shorter than a burst refuses some of it even
-# with replicas free (1 waiting: c=8 saw 51 of 160 refused; 8 waiting refused part of a 16-client burst).
-# Measured with hey against the test-size demo run on 2 cores (bench/bench_serve.py --load-run, 2026-12-06):
-# the earlier 8 + 16 gave 19.8 requests/s at c=8, 11.3 at c=32 and 11.4 at c=128 (p99 5.96 s); 32 + 16 with
-# every downstream deployment taking what the Ingress admits gave 23.3, 24.7 and 17.0 (p99 4.93 s). More in the
-# graph at once fills the generator's batches; fewer waiting in Serve's routers (which keep re-asking replicas
-# for room while a request waits) saves CPU.
+# per Ingress replica + 8 waiting at each HTTP proxy (its AdmissionGate, first come first served).
+# Measured with hey against the test-size demo run on 2 cores (bench/bench_serve.py --load-run): with Serve's
+# own bounds (2026-12-06) the earlier 8 + 16 gave 19.8 requests/s at c=8, 11.3 at c=32 and 11.4 at c=128
+# (p99 5.96 s); 32 + 16 gave 23.3, 24.7 and 17.0 (p99 4.93 s): more in the graph at once fills the generator's
+# batches. Serve's router counts a request as queued until it has placed it, so its short queues refused
+# bursts the replicas had room for (1 waiting: c=8 saw 51 of 160 refused); the gate counts exactly, so the
+# queue only needs to smooth arrivals. With the gate (2026-12-07): 16 + 4 refused 392 of 640 at c=32;
+# 32 + 8 answered every request up to c=32 and kept 44.1 requests/s at c=128 (p99 1.43 s).
 INGRESS_MAX_ONGOING, INGRESS_MAX_QUEUED = 32, 8
 
 
