@@ -22,3 +22,9 @@ RUN pip install --no-cache-dir ".[gpu]" \
 # this directory as its runtime_env working_dir, and `ray job submit --working-dir .` replaces it.
 COPY --chown=ray:users jobs/ jobs/
 COPY --chown=ray:users configs/ configs/
+
+# Serve's HTTP proxies read these when Ray starts them (kard_ray.serve.proxy.proxy_environment; `kard-ray serve`
+# sets them itself for the Ray it starts): the admission gate and JSON refusals, and the proxy's call to the
+# Ingress by value. Every node of the cluster configs runs this image, so every proxy has them.
+ENV RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=kard_ray.serve.proxy:middlewares \
+    RAY_SERVE_PROXY_USE_GRPC=1

@@ -401,6 +401,14 @@ def test_dockerfile_copies_the_package_and_dockerignore_keeps_outputs_out():
         assert needed not in ignored, needed
 
 
+def test_dockerfile_gives_every_node_the_serve_proxy_environment():
+    """The image's ENV is what `kard-ray serve` sets for the Ray it starts (kard_ray.serve.proxy)."""
+    from kard_ray.serve.proxy import proxy_environment
+
+    env = dict(re.findall(r"(RAY_SERVE_[A-Z_]+)=(\S+)", _dockerfile()))
+    assert env == proxy_environment(calls_by_value=True)
+
+
 # ---------------------------------------------------------------- node-type shapes, one per type
 
 
