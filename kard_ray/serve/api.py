@@ -16,6 +16,11 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, create_model, field_validator
 
+# The app-relative routes: the model routes (POST, admitted by the proxies' gates and the Ingress's drain) and
+# every route a metric may name (anything else is "other", so metric labels stay bounded).
+MODEL_ROUTES = ("/v1/answer", "/v1/retrieve", "/v1/rerank", "/v1/chat/completions")
+KNOWN_ROUTES = MODEL_ROUTES + ("/v1/models", "/healthz", "/readyz", "/docs", "/openapi.json")
+
 
 @dataclass(frozen=True)
 class Limits:

@@ -36,8 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kard_ray.serve import openai_api as oai
 from kard_ray.serve.proxy import BODY_SCOPE_KEY, replayed_body
-from kard_ray.serve.api import (AnswerResponse, ErrorBody, Limits, RetrieveResponse, error_body, field_path,
-                                request_models)
+from kard_ray.serve.api import (KNOWN_ROUTES, MODEL_ROUTES, AnswerResponse, ErrorBody, Limits, RetrieveResponse,
+                                error_body, field_path, request_models)
 
 log = logging.getLogger("kard_ray.serve")
 
@@ -51,8 +51,6 @@ def request_id() -> str:
     return REQUEST_ID.get()
 
 # Routes that run the models: the Gate counts these (health and docs are never refused by it).
-MODEL_ROUTES = ("/v1/answer", "/v1/retrieve", "/v1/rerank", "/v1/chat/completions")
-KNOWN_ROUTES = MODEL_ROUTES + ("/v1/models", "/healthz", "/readyz", "/docs", "/openapi.json")
 
 
 class ServiceError(Exception):

@@ -193,7 +193,7 @@ class AdmissionGate:
         self._count_refusal(scope.get("path", ""), lim.prefix)
 
     def _count_refusal(self, path: str, prefix: str) -> None:
-        from kard_ray.serve.http import KNOWN_ROUTES
+        from kard_ray.serve.api import KNOWN_ROUTES
 
         if self.refused is None:
             from ray.util import metrics
