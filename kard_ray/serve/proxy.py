@@ -36,6 +36,7 @@ from typing import Optional
 CALLBACK = "kard_ray.serve.proxy:middlewares"
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 GRPC_ENV = "RAY_SERVE_PROXY_USE_GRPC"
+KV_KEY, KV_NAMESPACE = b"admission:", "kard_ray.serve"  # where the applications' limits are published
 
 
 def proxy_environment(calls_by_value: bool = True) -> dict[str, str]:
@@ -56,7 +57,6 @@ def set_proxy_environment(calls_by_value: bool = True) -> None:
 
     for key, value in proxy_environment(calls_by_value).items():
         os.environ.setdefault(key, value)
-KV_KEY, KV_NAMESPACE = b"admission:", "kard_ray.serve"
 
 
 def middlewares() -> list:
@@ -125,7 +125,7 @@ class _Lane:
         except asyncio.CancelledError:  # the client left while waiting
             if slot.done() and not slot.cancelled():
                 self.leave()  # it had just been handed a slot: pass it on
-            else:
+            elif slot in self.waiting:  # (a `leave` in between may have dropped the cancelled slot already)
                 self.waiting.remove(slot)
             raise
 
