@@ -180,10 +180,11 @@ def load_table(rep, run_dir: str, levels=LOAD_LEVELS, overrides=()) -> dict:
         # what a refused request carries (during one more overload burst)
         from concurrent.futures import ThreadPoolExecutor
 
-        with ThreadPoolExecutor(1) as ex, httpx.Client(timeout=60) as side:
+        with ThreadPoolExecutor(1) as ex:
             flood = ex.submit(run_hey, url, body, concurrency=128, requests=1000)
             while not flood.done() and len(refusals) < 3:
-                resp = side.post(url, json=body)
+                with httpx.Client(timeout=60) as side:  # a new connection each time: none is an early retry
+                    resp = side.post(url, json=body)
                 if resp.status_code != 200:
                     kind = resp.json().get("error") if resp.headers.get("content-type", "").startswith(
                         "application/json") else f"non-JSON body {resp.text[:40]!r}"

@@ -570,6 +570,7 @@ class ServeConfig:
         "max_ongoing_requests is at least what the Ingress replicas admit, so requests wait inside replicas, not in "
         "Serve's routers.")
     retry_after_s: float = _f(1.0, "Retry-After (seconds) on a 503 when the service is over capacity or draining.")
+    hold_early_retries: bool = _f(True, "A request on a connection the proxy's gate refused less than retry_after_s ago is refused too, once that time has passed (held, not admitted); the request after it is decided at once. A first refusal is always at once. Clients that ignore Retry-After then cannot spin on refusals and take the CPU from the requests admitted, and every request admitted was decided as it arrived. Set false behind a load balancer that sends many users' requests over a few connections.")
     calls_by_value: bool = _f(True, "The Ingress calls Retriever, Reranker and Generator over Serve's direct gRPC channel between replicas (`handle.options(_by_reference=False)`) instead of Ray actor calls with object refs. Measured on 2026-12-06, idle machine (bench/bench_serve.py): c=1 overhead over in-process 18.2 ms against 30.2 ms by reference; under `hey` (the test-size demo run) c=8 36.3 vs 40.0 req/s, c=128 27.2 vs 21.8 req/s of 200s (0.75x vs 0.54x of the best lower concurrency), p99 4.4 vs 8.2 s. false: actor calls with object refs.")
     drain_timeout_s: float = _f(60.0, "`kard-ray serve` on SIGTERM: refuse new requests and wait at most this long for "
                                       "in-flight ones to finish before shutting down.")

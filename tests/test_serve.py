@@ -495,15 +495,18 @@ def test_overload_is_answered_503_at_once_and_the_queue_stays_bounded(tiny_run, 
     run_hey(url, body, concurrency=8, requests=32)  # warm-up
     peak = run_hey(url, body, concurrency=8, requests=160)
 
-    # While hey overloads the service, a side client looks at what a refused request gets.
+    # While hey overloads the service, a side client looks at what a refused request gets, each time on a new
+    # connection (one refused a moment ago would have its early retry held for the Retry-After).
     with ThreadPoolExecutor(1) as ex:
         flood = ex.submit(run_hey, url, body, concurrency=128, requests=3000)
-        refused = []
-        with httpx.Client(timeout=60) as side:
-            while not flood.done() and len(refused) < 5:
+        refused, refused_s = [], []
+        while not flood.done() and len(refused) < 5:
+            with httpx.Client(timeout=60) as side:
+                t0 = time.monotonic()
                 r = side.post(url, json=body)
-                if r.status_code != 200:
-                    refused.append(r)
+            if r.status_code != 200:
+                refused.append(r)
+                refused_s.append(time.monotonic() - t0)
         over = flood.result()
     print(f"\n[serve overload] c=8: {peak.row()}\n[serve overload] c=128: {over.row()}, "
           f"200s in flight: {over.mean_in_flight(200):.1f} on average, {over.max_in_flight(200)} at most")
@@ -529,9 +532,11 @@ def test_overload_is_answered_503_at_once_and_the_queue_stays_bounded(tiny_run, 
     admitted = limits.ongoing + limits.queued
     assert admitted <= 0.5 * 128 and over.mean_in_flight(200) <= 0.5 * 128, (over.mean_in_flight(200), admitted)
     assert peak.max_in_flight(200) >= 6  # the measure sees concurrency where there is some (c=8)
-    # the refusals are quick: a 503 is not a request that waited and then gave up
-    fast = sorted(over.latencies_of(503))
-    assert fast[len(fast) // 2] < peak.ok_pct(50), (fast[len(fast) // 2], peak.ok_pct(50))
+    # A refusal is quick: not a request that waited in a queue and then gave up. hey's workers ignore Retry-After:
+    # a worker's retry within it is held until it has passed, then refused (serve.hold_early_retries), so no 503
+    # takes much longer than the Retry-After; a connection not refused just before is refused at once.
+    assert refused_s and max(refused_s) < peak.ok_pct(50), (refused_s, peak.ok_pct(50))
+    assert max(over.latencies_of(503)) < served.serve.retry_after_s + 1.0, max(over.latencies_of(503))
     # the metrics: ours per route and status in the Ingress, the refusals at the proxy's gate
     assert _scrape(r'kard_http_requests.*route="/v1/answer".*status="200"')
     assert _scrape(r'kard_http_request_latency_ms_bucket.*route="/v1/answer".*status="200"')

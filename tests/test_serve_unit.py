@@ -548,7 +548,9 @@ def test_admission_gate_is_first_come_first_served_and_refuses_past_its_queue_at
                 tasks[n] = post(n)
                 await asyncio.sleep(0.01)
             assert entered == ["a", "b"] and (lane.ongoing, len(lane.waiting)) == (2, 2)
-            refused = await c.post("/v1/answer", headers={"x-request-id": "r1"})
+            other = httpx.AsyncClient(transport=httpx.ASGITransport(app=gate, client=("10.0.0.9", 9)), base_url="http://t")
+            async with other:  # another connection: the one refused (the next request on it would be held)
+                refused = await other.post("/v1/answer", headers={"x-request-id": "r1"})
             assert (await c.get("/v1/models")).status_code == 200 and (await c.post("/other")).status_code == 200
             release["b"].set()  # b's slot goes to c, the first waiter
             await asyncio.sleep(0.01)
@@ -576,6 +578,103 @@ def test_admission_gate_is_first_come_first_served_and_refuses_past_its_queue_at
     # an admitted request's body travels in the scope (no fetch back to the proxy) and reads the same;
     # one that passes no gate is read as usual
     assert bodies[0] == (b'{"q":"a"}', b'{"q":"a"}') and all(b[0] is None for b in bodies[-6:])
+
+
+def test_admission_gate_refuses_a_retry_that_ignored_retry_after_once_that_time_has_passed():
+    """A connection refused a moment ago that sends again before its Retry-After has passed is held until then
+    and refused, even with room by then (it cannot spin on refusals; nothing admitted waited in a hold); its next
+    request is decided at once. Another connection is refused at once; with `hold_early_retries` false nothing
+    is held."""
+    import asyncio
+    import time
+
+    import httpx
+
+    from kard_ray.serve.proxy import AdmissionGate, Limits, _Lane
+
+    async def scenario(hold: bool):
+        release = asyncio.Event()
+
+        async def app(scope, receive, send):
+            await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        lim = Limits(prefix="/v1/", ongoing=1, queued=1, retry_after_s=0.3, hold_early_retries=hold)
+        gate = AdmissionGate(app, read_limits=lambda: [lim])
+
+        def conn(port):
+            return httpx.AsyncClient(transport=httpx.ASGITransport(app=gate, client=("127.0.0.1", port)),
+                                     base_url="http://t")
+
+        async def timed(c):
+            t = time.monotonic()
+            r = await c.post("/v1/answer")
+            return r.status_code, time.monotonic() - t
+
+        async with conn(1) as a, conn(2) as b, conn(3) as spinner, conn(4) as fresh:
+            held = [asyncio.create_task(a.post("/v1/answer")), asyncio.create_task(b.post("/v1/answer"))]
+            await asyncio.sleep(0.01)  # a in the app, b waiting: full
+            first = await timed(spinner)
+            again = await timed(spinner)  # at once after its refusal: held 0.3 s, still full, refused
+            other = await timed(fresh)
+            retry = asyncio.create_task(timed(spinner))  # decided at once: refused (full), told again
+            await asyncio.sleep(0.05)
+            early = asyncio.create_task(timed(spinner))  # early again: held; room opens while it waits
+            await asyncio.sleep(0.05)
+            release.set()
+            await asyncio.gather(*held)
+            late = (await retry, await early, await timed(spinner))
+        return first, again, other, late
+
+    first, again, other, late = asyncio.run(scenario(hold=True))
+    assert first[0] == 503 and first[1] < 0.1
+    assert again[0] == 503 and 0.14 <= again[1] < 0.6  # held for half or more of its Retry-After, then refused
+    assert other[0] == 503 and other[1] < 0.1  # a connection not refused before is answered at once
+    after_hold, early, next_one = late
+    assert after_hold[0] == 503 and after_hold[1] < 0.1  # the request after a hold is decided at once
+    assert early[0] == 503 and early[1] >= 0.1  # held while room opened (after 0.05 s), and still refused
+    assert next_one[0] == 200 and next_one[1] < 0.1  # then decided at once: admitted
+    first, again, other, late = asyncio.run(scenario(hold=False))
+    assert [first[0], again[0], other[0]] == [503] * 3 and max(first[1], again[1], other[1]) < 0.1
+    # the connections remembered stay bounded: past MAX_TOLD those whose Retry-After has passed go
+    lane = _Lane()
+    lane.MAX_TOLD = 3
+    for port in range(3):
+        lane.told_to_retry(("h", port), 0.0)
+    lane.told_to_retry(("h", 9), time.monotonic() + 5)
+    assert list(lane.told) == [("h", 9)] and lane.early_by(("h", 9), time.monotonic()) > 4
+    assert lane.early_by(("h", 9), time.monotonic()) == 0.0  # told once: the next request is not held again
+
+
+def test_admission_gate_frees_a_slot_when_the_answer_is_sent_not_when_the_proxy_returns():
+    """Serve's proxy returns a little after the answer has gone out; a client's next request in between must find
+    its slot free (else a closed-loop client at the capacity is refused by its own finished request)."""
+    import asyncio
+
+    import httpx
+
+    from kard_ray.serve.proxy import AdmissionGate, Limits
+
+    async def scenario():
+        bookkeeping = asyncio.Event()
+
+        async def app(scope, receive, send):
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            await bookkeeping.wait()  # the proxy's work after the answer
+
+        gate = AdmissionGate(app, read_limits=lambda: [Limits(prefix="/v1/", ongoing=1, queued=0, retry_after_s=1)])
+        transport = httpx.ASGITransport(app=gate)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            first = asyncio.create_task(c.post("/v1/answer"))
+            await asyncio.sleep(0.05)  # answered; the app has not returned
+            second = asyncio.create_task(c.post("/v1/answer"))
+            await asyncio.sleep(0.05)
+            bookkeeping.set()
+            return (await first).status_code, (await second).status_code, gate.lanes["/v1/"].ongoing
+
+    assert asyncio.run(scenario()) == (200, 200, 0)
 
 
 def test_replayed_body_then_the_disconnect_skipping_the_body_sent_again():

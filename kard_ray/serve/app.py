@@ -133,7 +133,7 @@ def admission_limits(cfg: KardConfig):
     queued = s.ingress.max_queued_requests if s.ingress.max_queued_requests is not None else INGRESS_MAX_QUEUED
     return Limits(prefix=s.route_prefix.rstrip("/") + "/v1/", ongoing=ongoing * s.ingress.max_replicas,
                   queued=queued if queued >= 0 else 2**31, retry_after_s=s.retry_after_s,
-                  max_body_bytes=s.max_body_bytes)
+                  max_body_bytes=s.max_body_bytes, hold_early_retries=s.hold_early_retries)
 
 
 def deployment_options(cfg: KardConfig, method: str, gated: Optional[bool] = None) -> dict[str, dict]:

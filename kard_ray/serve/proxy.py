@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
+import random
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -77,6 +78,7 @@ class Limits:
     queued: int
     retry_after_s: float
     max_body_bytes: int = 0  # bodies up to this size (declared) travel to the Ingress with the request
+    hold_early_retries: bool = True  # a connection's retry before its Retry-After has passed: refused when it has
 
     def retry_after(self) -> str:
         return str(max(0, int(-(-self.retry_after_s // 1))))
@@ -104,11 +106,27 @@ def published_limits() -> list[Limits]:
 
 
 class _Lane:
-    """One application's admission at one proxy: requests in its graph, and those waiting in arrival order."""
+    """One application's admission at one proxy: requests in its graph, those waiting in arrival order, and
+    the connections told to retry later (until when)."""
+
+    MAX_TOLD = 4096  # connections remembered at most; past it, those whose Retry-After has passed are forgotten
 
     def __init__(self):
         self.ongoing = 0
         self.waiting: collections.deque[asyncio.Future] = collections.deque()
+        self.told: dict[tuple, float] = {}  # connection (client host, port) -> when its Retry-After ends
+
+    def told_to_retry(self, client: tuple, until: float) -> None:
+        if len(self.told) >= self.MAX_TOLD:
+            now = time.monotonic()
+            self.told = {c: t for c, t in self.told.items() if t > now}
+        self.told[client] = until
+
+    def early_by(self, client: tuple, now: float) -> float:
+        """Seconds until `client`'s Retry-After ends (0: it was not refused, or has waited long enough); forgets
+        it, so the request after this one is decided at once."""
+        until = self.told.pop(client, None)
+        return 0.0 if until is None else max(0.0, until - now)
 
     def try_enter(self, lim: Limits) -> Optional[bool]:
         """True: admitted now; False: must wait (`wait`); None: refused (the queue is full)."""
@@ -170,16 +188,42 @@ class AdmissionGate:
         if lim is None:
             return await self.app(scope, receive, send)
         lane = self.lanes[lim.prefix]
+        client = tuple(scope["client"]) if lim.hold_early_retries and scope.get("client") else None
+        early = lane.early_by(client, time.monotonic()) if client is not None else 0.0
+        if early > 0:
+            # A retry that ignored Retry-After is refused later, never admitted: the client cannot spin on
+            # refusals, and every request admitted was decided as it arrived (its only wait is the queue's). Held
+            # for a random half or more of the rest of its Retry-After: clients refused in one burst do not all
+            # come back at one moment (the graph would sit part empty between such waves).
+            await asyncio.sleep(early * random.uniform(0.5, 1.0))
+            return await self._refuse(scope, send, lim)
         admitted = lane.try_enter(lim)
         if admitted is None:
+            if client is not None:
+                lane.told_to_retry(client, time.monotonic() + lim.retry_after_s)
             return await self._refuse(scope, send, lim)
         if not admitted:
             await lane.wait()
+        left = False
+
+        def leave_once():
+            nonlocal left
+            if not left:
+                left = True
+                lane.leave()
+
+        async def send_then_leave(message):
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                # The answer is out: the slot is free now. Serve's proxy returns a little later (its bookkeeping),
+                # and by then the client may have sent its next request, which must not find its own slot taken.
+                leave_once()
+
         try:
             scope, receive = await _body_in_scope(scope, receive, lim.max_body_bytes)
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_then_leave)
         finally:
-            lane.leave()
+            leave_once()
 
     async def _refuse(self, scope, send, lim: Limits) -> None:
         headers = dict(scope.get("headers") or [])
