@@ -564,11 +564,12 @@ class ServeConfig:
     ingress: AutoscalingConfig = _f(
         AutoscalingConfig(),
         "Ingress replicas. Its bounds are the service's capacity: max_ongoing_requests per replica in the graph at "
-        "once (null = 32), max_queued_requests more waiting at each HTTP proxy, first come first served (null = 8); "
-        "the next one is answered 503 + Retry-After at once, with a JSON body (kard_ray.serve.proxy's gate, where "
-        "its proxy callback is installed; else Serve's own bounds). The other deployments' null "
-        "max_ongoing_requests is at least what the Ingress replicas admit, so requests wait inside replicas, not in "
-        "Serve's routers.")
+        "once (null = one full generator batch per generator replica, serve.max_batch_size x generator.max_replicas, "
+        "spread over the Ingress replicas: more in the graph splits the batches), max_queued_requests more waiting "
+        "at each HTTP proxy, first come first served (null = 2); the next one is answered 503 + Retry-After at once, "
+        "with a JSON body (kard_ray.serve.proxy's gate, where its proxy callback is installed; else Serve's own "
+        "bounds). The other deployments' null max_ongoing_requests is at least what the Ingress replicas admit, so "
+        "requests wait inside replicas, not in Serve's routers.")
     retry_after_s: float = _f(1.0, "Retry-After (seconds) on a 503 when the service is over capacity or draining.")
     hold_early_retries: bool = _f(True, "A request on a connection the proxy's gate refused less than retry_after_s ago is refused too, once that time has passed (held, not admitted); the request after it is decided at once. A first refusal is always at once. Clients that ignore Retry-After then cannot spin on refusals and take the CPU from the requests admitted, and every request admitted was decided as it arrived. Set false behind a load balancer that sends many users' requests over a few connections.")
     calls_by_value: bool = _f(True, "The Ingress calls Retriever, Reranker and Generator over Serve's direct gRPC channel between replicas (`handle.options(_by_reference=False)`) instead of Ray actor calls with object refs. Measured on 2026-12-06, idle machine (bench/bench_serve.py): c=1 overhead over in-process 18.2 ms against 30.2 ms by reference; under `hey` (the test-size demo run) c=8 36.3 vs 40.0 req/s, c=128 27.2 vs 21.8 req/s of 200s (0.75x vs 0.54x of the best lower concurrency), p99 4.4 vs 8.2 s. false: actor calls with object refs.")

@@ -264,6 +264,19 @@ def test_deployment_options_follow_the_config():
     assert all(o["max_ongoing_requests"] >= o["autoscaling_config"]["target_ongoing_requests"] for o in opts.values())
     # without a reranker the Reranker deployment is bound (configs name it) but holds no replica
     assert deployment_options(cfg, "kard_bm25")["Reranker"]["autoscaling_config"]["min_replicas"] == 0
+    # The service's capacity (null Ingress bounds): one full generator batch per generator replica in the graph,
+    # spread over the Ingress replicas, and 2 waiting at each proxy's gate; configured bounds win.
+    from kard_ray.serve.app import admission_limits
+
+    assert opts["Ingress"]["max_ongoing_requests"] == 16 * 3
+    assert (admission_limits(cfg).ongoing, admission_limits(cfg).queued) == (48, 2)
+    spread = load_config(None, ["serve.max_batch_size=5", "serve.ingress.max_replicas=2"])
+    assert deployment_options(spread, "kard_reranker", gated=True)["Ingress"]["max_ongoing_requests"] == 3
+    assert admission_limits(spread).ongoing == 6
+    mine = load_config(None, ["serve.ingress.max_ongoing_requests=7", "serve.ingress.max_queued_requests=3"])
+    gated = deployment_options(mine, "kard_reranker", gated=True)["Ingress"]
+    assert (admission_limits(mine).ongoing, admission_limits(mine).queued) == (7, 3)
+    assert (gated["max_ongoing_requests"], gated["max_queued_requests"]) == (7, 7 + 3)  # Serve's: a backstop
 
 
 def test_default_graph_fits_a_two_core_machine():

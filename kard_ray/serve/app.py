@@ -64,16 +64,22 @@ def served_method(run_dir: str) -> str:
     return "kard_reranker" if io.exists(run.model(RERANKER)) else "kard_bm25"
 
 
-# The Ingress's bounds when the config leaves them null: the service's capacity, 32 requests in the graph
-# per Ingress replica + 8 waiting at each HTTP proxy (its AdmissionGate, first come first served).
-# Measured with hey against the test-size demo run on 2 cores (bench/bench_serve.py --load-run): with Serve's
-# own bounds (2026-12-06) the earlier 8 + 16 gave 19.8 requests/s at c=8, 11.3 at c=32 and 11.4 at c=128
-# (p99 5.96 s); 32 + 16 gave 23.3, 24.7 and 17.0 (p99 4.93 s): more in the graph at once fills the generator's
-# batches. Serve's router counts a request as queued until it has placed it, so its short queues refused
-# bursts the replicas had room for (1 waiting: c=8 saw 51 of 160 refused); the gate counts exactly, so the
-# queue only needs to smooth arrivals. With the gate (2026-12-07): 16 + 4 refused 392 of 640 at c=32;
-# 32 + 8 answered every request up to c=32 and kept 44.1 requests/s at c=128 (p99 1.43 s).
-INGRESS_MAX_ONGOING, INGRESS_MAX_QUEUED = 32, 8
+# The Ingress's bounds when the config leaves them null: one full generator batch in the graph per generator
+# replica, and INGRESS_MAX_QUEUED waiting at each HTTP proxy (its AdmissionGate, first come first served).
+# MEASUREMENTS
+INGRESS_MAX_QUEUED = 2
+
+
+def ingress_bounds(cfg: KardConfig) -> tuple[int, int]:
+    """(max_ongoing_requests per Ingress replica, max_queued_requests): `serve.ingress`'s, else a full
+    generator batch (`serve.max_batch_size`) per generator replica, spread over the Ingress replicas, and
+    INGRESS_MAX_QUEUED."""
+    s = cfg.serve
+    ongoing = s.ingress.max_ongoing_requests
+    if ongoing is None:
+        ongoing = math.ceil(s.max_batch_size * s.generator.max_replicas / s.ingress.max_replicas)
+    queued = s.ingress.max_queued_requests
+    return ongoing, INGRESS_MAX_QUEUED if queued is None else queued
 
 
 def max_ongoing(scale: AutoscalingConfig, min_ongoing: int = 5) -> int:
@@ -129,8 +135,7 @@ def admission_limits(cfg: KardConfig):
     from kard_ray.serve.proxy import Limits
 
     s = cfg.serve
-    ongoing = max_ongoing(s.ingress) if s.ingress.max_ongoing_requests is not None else INGRESS_MAX_ONGOING
-    queued = s.ingress.max_queued_requests if s.ingress.max_queued_requests is not None else INGRESS_MAX_QUEUED
+    ongoing, queued = ingress_bounds(cfg)
     return Limits(prefix=s.route_prefix.rstrip("/") + "/v1/", ongoing=ongoing * s.ingress.max_replicas,
                   queued=queued if queued >= 0 else 2**31, retry_after_s=s.retry_after_s,
                   max_body_bytes=s.max_body_bytes, hold_early_retries=s.hold_early_retries)
@@ -144,7 +149,8 @@ def deployment_options(cfg: KardConfig, method: str, gated: Optional[bool] = Non
     # The Ingress only awaits the others: many requests in flight per replica cost it little.
     # The Ingress's bound is the service's capacity: the requests the graph works on at once
     # (max_ongoing_requests per replica) plus the few waiting at the proxy (max_queued_requests).
-    ingress = _options(cfg, s.ingress, ongoing=INGRESS_MAX_ONGOING, queued=INGRESS_MAX_QUEUED)
+    ongoing, queued = ingress_bounds(cfg)
+    ingress = _options(cfg, s.ingress, ongoing=ongoing, queued=queued)
     # Downstream replicas take (by default) every request the Ingress admits, so a request waits inside a
     # replica (an asyncio wait for the model's lock or the next batch, free) rather than in the Ingress's
     # router for that deployment (which polls replicas for room while it waits).
