@@ -595,7 +595,7 @@ def test_admission_gate_is_first_come_first_served_and_refuses_past_its_queue_at
 
 def test_admission_gate_refuses_a_retry_that_ignored_retry_after_once_that_time_has_passed():
     """A connection refused a moment ago that sends again before its Retry-After has passed is held until then
-    and refused, even with room by then (it cannot spin on refusals; nothing admitted waited in a hold); its next
+    (and a random part of half more) and refused, even with room by then (it cannot spin on refusals; nothing admitted waited in a hold); its next
     request is decided at once. Another connection is refused at once; with `hold_early_retries` false nothing
     is held."""
     import asyncio
@@ -642,11 +642,11 @@ def test_admission_gate_refuses_a_retry_that_ignored_retry_after_once_that_time_
 
     first, again, other, late = asyncio.run(scenario(hold=True))
     assert first[0] == 503 and first[1] < 0.1
-    assert again[0] == 503 and 0.14 <= again[1] < 0.6  # held for half or more of its Retry-After, then refused
+    assert again[0] == 503 and 0.28 <= again[1] < 0.6  # held for its Retry-After (and up to half more), refused
     assert other[0] == 503 and other[1] < 0.1  # a connection not refused before is answered at once
     after_hold, early, next_one = late
     assert after_hold[0] == 503 and after_hold[1] < 0.1  # the request after a hold is decided at once
-    assert early[0] == 503 and early[1] >= 0.1  # held while room opened (after 0.05 s), and still refused
+    assert early[0] == 503 and early[1] >= 0.2  # held while room opened (after 0.05 s), and still refused
     assert next_one[0] == 200 and next_one[1] < 0.1  # then decided at once: admitted
     first, again, other, late = asyncio.run(scenario(hold=False))
     assert [first[0], again[0], other[0]] == [503] * 3 and max(first[1], again[1], other[1]) < 0.1

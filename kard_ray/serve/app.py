@@ -66,7 +66,12 @@ def served_method(run_dir: str) -> str:
 
 # The Ingress's bounds when the config leaves them null: one full generator batch in the graph per generator
 # replica, and INGRESS_MAX_QUEUED waiting at each HTTP proxy (its AdmissionGate, first come first served).
-# MEASUREMENTS
+# Measured with hey against the test-size demo run on 2 cores (bench/bench_serve.py --load-only --load-run and
+# the same levels against `kard-ray serve`, 2026-12-07, the gate holding early retries), c=128 against c=8:
+# 8 + 2: 200s/s 0.78-0.95x, p99 of the 200s 1.2-2.1x (seven runs); 8 + 4: 0.79-0.80x, 2.0-2.3x; 12 + 4: 0.83-0.95x,
+# 1.8-2.3x; 16 + 1: 0.81x, 2.8x. More in the graph than one batch adds a batch's wait to the p99 (c=8 runs in
+# lock step: its 8 requests share each batch). The earlier 32 + 8 answered every request up to c=32, but a request
+# at c=128 waited behind 40 others: p99 5-7x c=8's.
 INGRESS_MAX_QUEUED = 2
 
 
