@@ -17,8 +17,9 @@ request path (context, router, metrics, access log); one here costs the HTTP par
 A connection the gate refused that sends again before its Retry-After has passed (a client that ignores it,
 like `hey`'s workers) is held until that time and a random part of half more, then refused; its next request is
 decided at once (`Limits.hold_early_retries`, `serve.hold_early_retries`). Without it such clients spin on
-refusals: 64 of them sent 6,280 a second against a bound of 1 + 1, and at c=128 they took the two cores from the requests admitted
-(c=128 kept 0.49x of c=8's 200s/s with 8 + 8 admitted). A slot is free once the answer's last message is sent.
+refusals: 64 of them sent 6,280 a second against a bound of 1 + 1, and at c=128 they took the two cores from the
+requests admitted (c=128 kept 0.49x of c=8's 200s/s with 8 + 8 admitted). A slot is free once the answer's last
+message is sent.
 
 `JsonRejections` turns any refusal Serve still makes itself (`backpressure_config`: 503 + Retry-After with
 a plain-text body) into the same JSON error.
