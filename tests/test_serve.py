@@ -278,8 +278,11 @@ def test_blown_time_budget_is_a_504(tiny_run, served, client):
 def test_bounded_concurrent_load_has_no_5xx(tiny_run, served, client):
     import httpx
 
+    from kard_ray.serve.app import admission_limits
+
     questions = _test_questions(tiny_run)
-    n, concurrency = 200, 16
+    limits = admission_limits(served)  # as many clients as the service admits (in the graph + waiting): no 503
+    n, concurrency = 200, limits.ongoing + limits.queued
     latencies: list[float] = []
     statuses: list[int] = []
     refusals: list[str] = []
