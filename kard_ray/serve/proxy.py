@@ -85,7 +85,7 @@ class Limits:
     queued: int
     retry_after_s: float
     max_body_bytes: int = 0  # bodies up to this size (declared) travel to the Ingress with the request
-    hold_early_retries: bool = True  # a connection's retry before its Retry-After has passed: refused when it has
+    hold_early_retries: bool = True  # a retry on a refused connection within its Retry-After: held, then refused
 
     def retry_after(self) -> str:
         return str(max(0, int(-(-self.retry_after_s // 1))))
