@@ -50,8 +50,6 @@ def request_id() -> str:
     a ContextVar cannot be pickled with a deployment class."""
     return REQUEST_ID.get()
 
-# Routes that run the models: the Gate counts these (health and docs are never refused by it).
-
 
 class ServiceError(Exception):
     """An error with an HTTP status and a client-safe message (no internals)."""

@@ -211,6 +211,10 @@ class AdmissionGate:
             return await self._refuse(scope, send, lim)
         if not admitted:
             await lane.wait()
+        await self._run_admitted(scope, receive, send, lane, lim)
+
+    async def _run_admitted(self, scope, receive, send, lane: _Lane, lim: Limits) -> None:
+        """The request in the graph, holding one of `lane`'s slots until its answer is out."""
         left = False
 
         def leave_once():
