@@ -14,6 +14,8 @@ send their next request when the last one returns (Serve: JSON over HTTP with ht
 coroutine call). Thread budget: one torch thread per component on both sides.
 
 Figures per concurrency: p50/p99 latency and requests/s each side; overhead = Serve p50 - in-process p50.
+Then the floor under that overhead: one Serve hop between two trivial deployments, back to back and after
+100 ms idle (`hop_floor`); a c=1 request crosses four.
 Last line: `RATIO serve <in-process p50 / Serve p50 at concurrency 1>` (higher is better, 1.0 = no
 overhead); the target is on the overhead: p50 overhead <= 15 ms per request.
 """
@@ -146,6 +148,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def hop_floor(rep, calls: int, idle_s: float = 0.1) -> dict:
+    """What one Serve hop costs before any model code: median ms of a call between two trivial
+    deployments (by value, as the Ingress calls its deployments), back to back and after `idle_s` of
+    idle -- a c=1 request reaches each replica ~100 ms after that replica's last turn, and crosses four
+    such hops (proxy -> Ingress, then Retriever, Reranker and Generator)."""
+    import statistics
+
+    from ray import serve
+
+    # Defined here, not at module level: pickled by value, so replicas need not import this file.
+    @serve.deployment(name="HopEcho", ray_actor_options={"num_cpus": 0.01})
+    class Echo:
+        async def ping(self) -> None:
+            return None
+
+    @serve.deployment(name="HopCaller", ray_actor_options={"num_cpus": 0.01})
+    class Caller:
+        def __init__(self, echo):
+            self.echo = echo.options(_by_reference=False)
+
+        async def run(self, n: int, gap_s: float) -> float:
+            ts = []
+            for _ in range(n):
+                if gap_s:
+                    await asyncio.sleep(gap_s)
+                t0 = time.perf_counter()
+                await self.echo.ping.remote()
+                ts.append(1000 * (time.perf_counter() - t0))
+            return statistics.median(ts)
+
+    h = serve.run(Caller.bind(Echo.bind()), name="hop_floor", route_prefix=None)
+    try:
+        h.run.remote(5, 0.0).result()  # warm-up
+        out = {"warm_ms": h.run.remote(calls, 0.0).result(), "idle_ms": h.run.remote(calls, idle_s).result()}
+    finally:
+        serve.delete("hop_floor")
+    rep.fig("Serve hop between trivial deployments: back to back / after 100 ms idle",
+            f"{out['warm_ms']:.2f} / {out['idle_ms']:.2f}", "ms")
+    rep.data["hop_floor_ms"] = out
+    return out
 
 
 LOAD_LEVELS = ((1, 100), (8, 160), (32, 640), (128, 2560))  # (concurrency, requests): the issue's table
@@ -316,6 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
             return runs
 
         both = asyncio.run(run_both())
+        floor = hop_floor(rep, calls=5 if args.smoke else 60)  # the live app idle beside it, as in a c=1 gap
         serve.shutdown()
         if args.load_run:  # a fresh Serve (its own port) for the overload table
             load_table(rep, args.load_run)
@@ -364,6 +409,8 @@ def main(argv: list[str] | None = None) -> dict:
     rep.data["overhead_target_ms"] = 15.0
     rep.data["overhead_met"] = first["p50_overhead_ms"] <= 15.0
     rep.note(f"target: p50 overhead <= 15 ms per request; measured {first['p50_overhead_ms']:.1f} ms at c={levels[0]}")
+    rep.note(f"four Serve hops after idle cost {4 * floor['idle_ms']:.1f} ms between trivial deployments here "
+             f"({4 * floor['warm_ms']:.1f} ms back to back): the floor of the c=1 overhead before any KARD code")
     rep.finish(ratio, target=None, ratio_label="in-process p50 / Serve p50 (c=1)",
                extra_ratios={f"c={c}: Serve req/s / in-process req/s": round(series[c]["serve_rps"] / series[c]["local_rps"], 3)
                              for c in levels})
