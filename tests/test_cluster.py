@@ -264,17 +264,23 @@ def test_serve_config_parses_and_matches_rayservice():
     assert set(deployments) == DEPLOYMENTS
     from ray.serve.config import AutoscalingConfig
 
-    for name, d in deployments.items():
-        auto = AutoscalingConfig(**d.autoscaling_config)  # what Serve checks at deploy time
+    from kard_ray.config import load_config
+    from kard_ray.serve.app import _override_text, deployment_options
+
+    # replicas come from the app's args (kard_ray config keys), as the Serve controller builds the app
+    cfg = load_config(None, [_override_text(k, v) for k, v in app.args.items() if k != "run_dir"])
+    opts = deployment_options(cfg, "kard_reranker", gated=True)
+    for name, o in opts.items():
+        auto = AutoscalingConfig(**o["autoscaling_config"])  # what Serve checks at deploy time
         assert 1 <= auto.min_replicas <= auto.max_replicas, name
         assert auto.target_ongoing_requests > 0, name
+    assert opts["Generator"]["autoscaling_config"]["max_replicas"] == 4
     assert deployments["Generator"].ray_actor_options.num_gpus == 1
 
     # The GPU worker group can hold every Generator replica.
     gpu_groups = [g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
                   if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
-    assert sum(g["maxReplicas"] for g in gpu_groups) >= deployments["Generator"].autoscaling_config[
-        "max_replicas"]
+    assert sum(g["maxReplicas"] for g in gpu_groups) >= cfg.serve.generator.max_replicas
 
 
 def _serve_breakages():

@@ -297,9 +297,60 @@ def test_serve_config_yaml_validates_and_matches_the_app(path):
     spec = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     (app,) = spec.applications
     assert app.name == APP_NAME and app.import_path == "kard_ray.serve:build_app"
-    assert set(app.args) == {"run_dir"}
+    assert "run_dir" in app.args
     names = {d.name for d in app.deployments}
     assert names == set(DEPLOYMENTS) == {d.name for d in (Retriever, Reranker, Generator, Ingress)}
+
+
+@pytest.mark.parametrize("path", SERVE_YAMLS + [REPO / "cluster" / "kuberay" / "rayservice.yaml"], ids=lambda p: p.name)
+def test_serve_config_sizes_replicas_in_one_place_and_the_gates_agree(path):
+    """Replicas and bounds come from the app's args (kard_ray config keys), never from a deployment's own
+    autoscaling_config: the Ingress's bound and the proxies' gates are derived from the same numbers Serve
+    deploys, so an Ingress replica starting from this file publishes limits Serve's queue can hold."""
+    from kard_ray.config import load_config
+    from kard_ray.serve.app import _override_text, admission_limits, deployment_options
+
+    doc = yaml.safe_load(path.read_text())
+    if doc.get("kind") == "RayService":
+        doc = yaml.safe_load(doc["spec"]["serveConfigV2"])
+    (app,) = doc["applications"]
+    for d in app["deployments"]:
+        sized_here = {"autoscaling_config", "num_replicas", "max_ongoing_requests", "max_queued_requests"} & set(d)
+        assert not sized_here, f"{path.name}: {d['name']} sets {sorted(sized_here)}; use serve.* args"
+    overrides = [_override_text(k, v) for k, v in app["args"].items() if k != "run_dir"]
+    cfg = load_config(None, overrides)  # every key is a real config key (a typo fails here, naming it)
+    opts = deployment_options(cfg, "kard_reranker", gated=True)
+    for name, section in (("Generator", cfg.serve.generator), ("Ingress", cfg.serve.ingress)):
+        assert opts[name]["autoscaling_config"]["max_replicas"] == section.max_replicas
+    ingress = opts["Ingress"]
+    deployed = admission_limits(cfg).as_deployed(ingress["max_ongoing_requests"], cfg.serve.ingress.max_replicas,
+                                                 ingress["max_queued_requests"])
+    assert deployed == admission_limits(cfg)
+    # one generator batch per generator replica in the graph, over all Ingress replicas
+    assert deployed.ongoing >= cfg.serve.max_batch_size * cfg.serve.generator.max_replicas
+
+
+def test_gate_limits_follow_the_deployed_ingress_and_refuse_a_queue_serve_cannot_hold():
+    """A Serve config's deployment options override the code's: the gates admit what the deployed Ingress
+    takes (max_ongoing_requests x replicas), and an Ingress whose Serve queue is shorter than that fails to
+    start with the fix named, instead of Serve refusing part of what the gates admitted."""
+    from ray.serve._private.config import DeploymentConfig
+    from ray.serve.config import AutoscalingConfig
+
+    from kard_ray.serve.deployments import _replicas_and_bounds
+    from kard_ray.serve.proxy import Limits
+
+    config_says = Limits(prefix="/v1/", ongoing=8, queued=2, retry_after_s=1.0)
+    assert config_says.as_deployed(8, 1, 10) == config_says
+    assert config_says.as_deployed(16, 2, -1).ongoing == 32  # unbounded Serve queue: nothing to check
+    assert config_says.as_deployed(4, 1, 10).ongoing == 4  # fewer deployed: the gates admit fewer
+    with pytest.raises(ValueError, match=r"max_queued_requests \(10\).*8 x 2 replicas.*at least 18"):
+        config_says.as_deployed(8, 2, 10)
+    # what the Ingress reads: Serve's DeploymentConfig (its autoscaling max, else its fixed replica count)
+    dc = DeploymentConfig(max_ongoing_requests=6, max_queued_requests=-1,
+                          autoscaling_config=AutoscalingConfig(min_replicas=1, max_replicas=3))
+    assert _replicas_and_bounds(dc) == (6, 3, -1)
+    assert _replicas_and_bounds(DeploymentConfig(num_replicas=2, max_ongoing_requests=5)) == (5, 2, -1)
 
 
 def test_build_app_errors_name_what_is_missing(tmp_path):

@@ -51,6 +51,19 @@ def _passage_text(p: dict) -> str:
     return format_passage(p.get("title"), p["text"])
 
 
+def _replicas_and_bounds(dc) -> tuple[int, int, int]:
+    """(max_ongoing_requests, replicas: the autoscaling max, else the fixed count, max_queued_requests) of a
+    Serve `DeploymentConfig`."""
+    replicas = dc.autoscaling_config.max_replicas if dc.autoscaling_config else dc.num_replicas
+    return dc.max_ongoing_requests, replicas, dc.max_queued_requests
+
+
+def _deployed_admission(limits):
+    """The gates' limits from this Ingress deployment's options as Serve applied them (a Serve config may
+    override the code's replicas and bounds). `_deployment_config` is private in Ray 2.60 (pinned)."""
+    return limits.as_deployed(*_replicas_and_bounds(serve.get_replica_context()._deployment_config))
+
+
 class RouteMetrics:
     """Per-route Prometheus metrics of an Ingress replica, through `ray.serve.metrics` (Ray exports them on
     each node's metrics port, tagged with the application, deployment and replica, beside Serve's own
@@ -294,7 +307,7 @@ class Ingress:
         if settings.get("admission") is not None:  # this application's capacity, for the HTTP proxies' gates
             from kard_ray.serve.proxy import publish_limits
 
-            publish_limits(settings["admission"])
+            publish_limits(_deployed_admission(settings["admission"]))
 
     def __serve_build_asgi_app__(self):
         # Built at replica start, so the request models carry this run's configured limits.

@@ -38,7 +38,7 @@ import json
 import random
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 CALLBACK = "kard_ray.serve.proxy:middlewares"
@@ -89,6 +89,24 @@ class Limits:
 
     def retry_after(self) -> str:
         return str(max(0, int(-(-self.retry_after_s // 1))))
+
+    def as_deployed(self, max_ongoing_requests: int, replicas: int, max_queued_requests: int) -> "Limits":
+        """These limits for the Ingress deployment as Serve runs it: `ongoing` = its max_ongoing_requests x its
+        (max) replicas. A Serve config's deployment options override the ones the run config gave the code,
+        and the gate must admit what the deployed Ingress takes, not what the run config assumed.
+
+        Raises ValueError when Serve's own queue in front of the Ingress (`max_queued_requests`, per proxy;
+        -1 = unbounded) is shorter than what the gate admits: Serve would refuse part of the admitted requests."""
+        out = replace(self, ongoing=max_ongoing_requests * replicas)
+        if 0 <= max_queued_requests < out.ongoing + out.queued:
+            raise ValueError(
+                f"the Ingress's max_queued_requests ({max_queued_requests}) is below what each HTTP proxy's gate "
+                f"admits ({out.ongoing} in the graph = max_ongoing_requests {max_ongoing_requests} x {replicas} "
+                f"replicas, + {out.queued} waiting): size the Ingress with serve.ingress.max_replicas and "
+                f"serve.ingress.max_ongoing_requests under the application's args, not its deployment options (the "
+                f"queue is then sized to match), or set its max_queued_requests to at least "
+                f"{out.ongoing + out.queued} (-1: unbounded)")
+        return out
 
 
 def publish_limits(limits: Limits) -> None:
