@@ -8,8 +8,9 @@ Both sides answer the same StrategyQA test questions with the same objects the d
 (a tiny cross-encoder: top `k` = 1 of the candidates) and `evaluation.StudentGenerator` (a tiny T5,
 greedy, `--max-new-tokens`). The in-process side is the Ingress's logic without Ray: each request
 runs retrieve -> rerank -> generate, model calls in worker threads one at a time per component (the
-deployments' locks), and the generator batches concurrent requests exactly like `@serve.batch`
-(`serve.max_batch_size`, `serve.batch_wait_timeout_s`). Clients are closed loops: `c` clients each
+deployments' locks), and the generator batches concurrent requests exactly like the Generator's
+`@serve.batch` (`serve.max_batch_size`; the `serve.batch_wait_timeout_s` window held open only while other
+requests are in retrieval or reranking, `Generator.predict_one`). Clients are closed loops: `c` clients each
 send their next request when the last one returns (Serve: JSON over HTTP with httpx; in-process: a
 coroutine call). Thread budget: one torch thread per component on both sides.
 
@@ -33,14 +34,17 @@ import common
 
 class Batcher:
     """`@serve.batch` semantics in plain asyncio (serve.batch itself needs a replica context): the
-    first waiting item opens a batch, which closes when full or `wait_s` later; one batch at a time."""
+    first waiting item opens a batch, which closes when full or its window later; one batch at a time.
+    The window is the Generator's (`predict_one`): `wait_s` when the submitting request has others behind
+    it, else none, read when a batch opens."""
 
     def __init__(self, fn, max_batch_size: int, wait_s: float):
-        self.fn, self.max, self.wait_s = fn, max_batch_size, wait_s
+        self.fn, self.max, self.wait_s, self.window_s = fn, max_batch_size, wait_s, wait_s
         self.queue: asyncio.Queue | None = None
         self.worker: asyncio.Task | None = None
 
-    async def submit(self, item):
+    async def submit(self, item, behind: int):
+        self.window_s = self.wait_s if behind > 0 else 0.0
         if self.queue is None:
             self.queue = asyncio.Queue()
             self.worker = asyncio.create_task(self._run())
@@ -52,7 +56,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             batch = [await self.queue.get()]
-            deadline = loop.time() + self.wait_s
+            deadline = loop.time() + self.window_s
             while len(batch) < self.max:
                 left = deadline - loop.time()
                 if left <= 0:
@@ -101,6 +105,7 @@ class InProcess:
             score_by=e.score_by, seed=cfg.seed, device="cpu")
         self.k, self.k_star = cfg.eval.k, cfg.reranker.k_star
         self.locks = [threading.Lock() for _ in range(3)]
+        self.upstream = 0  # requests in retrieval or reranking, as the Ingress counts them
         self.batcher = Batcher(self._predict, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
 
     def _predict(self, items):
@@ -113,14 +118,18 @@ class InProcess:
 
         query = question_query(question, options)
         t0 = time.perf_counter()
-        found = (await asyncio.to_thread(_locked, self.locks[0], self.retriever.search, [query], self.k_star))[0]
-        t1 = time.perf_counter()
-        texts = [format_passage(p.get("title"), p["text"]) for p in found]
-        scores = await asyncio.to_thread(_locked, self.locks[1], self.reranker.rerank, query, texts)
+        self.upstream += 1
+        try:
+            found = (await asyncio.to_thread(_locked, self.locks[0], self.retriever.search, [query], self.k_star))[0]
+            t1 = time.perf_counter()
+            texts = [format_passage(p.get("title"), p["text"]) for p in found]
+            scores = await asyncio.to_thread(_locked, self.locks[1], self.reranker.rerank, query, texts)
+        finally:
+            self.upstream -= 1
         passages = [found[i] for i in top_k(scores, self.k)]
         t2 = time.perf_counter()
         pred = await self.batcher.submit((question, list(options), [format_passage(p.get("title"), p["text"])
-                                                                      for p in passages]))
+                                                                      for p in passages]), self.upstream)
         t3 = time.perf_counter()
         return {"generation": pred.generation, "answer_index": pred.pred_index,
                 "timings_ms": {"retrieve": 1000 * (t1 - t0), "rerank": 1000 * (t2 - t1), "generate": 1000 * (t3 - t2)}}

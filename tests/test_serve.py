@@ -319,6 +319,56 @@ def test_bounded_concurrent_load_has_no_5xx(tiny_run, served, client):
     assert batches < n  # concurrent requests shared generate() calls (@serve.batch)
 
 
+def test_a_lone_request_does_not_wait_for_the_batch_window_but_concurrent_ones_share_a_batch(tiny_run, served):
+    """The generator's batch window (`serve.batch_wait_timeout_s`, here 3 s) is held open only while the
+    Ingress has other requests on their way to it: a lone request is answered well within the window, four sent
+    together still share one generate() call."""
+    import httpx
+    from ray import serve
+
+    from kard_ray.serve import APP_NAME, deployment_options, load_run_config
+    from kard_ray.serve.api import Limits
+    from kard_ray.serve.deployments import Generator, Ingress
+
+    cfg = load_run_config(tiny_run, ["serve.batch_wait_timeout_s=3", "serve.max_batch_size=4"])
+    handles = [serve.get_deployment_handle(n, app_name=APP_NAME) for n in ("Retriever", "Reranker")]
+    settings = {"method": "kard_reranker", "k": cfg.eval.k, "k_star": cfg.reranker.k_star,
+                "limits": Limits.from_config(cfg.serve), "retry_after_s": 1.0}
+    gen = Generator.options(**deployment_options(cfg, "kard_reranker")["Generator"]).bind(
+        io.RunDir(tiny_run).model("student_kard"), cfg)
+    serve.run(Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+              .bind(*handles, gen, settings), name="kard-window", route_prefix="/window")
+    try:
+        questions = _test_questions(tiny_run)
+        bodies = [{"question": q["question"], "options": list(q["options"])} for q in questions[:4]]
+        with httpx.Client(base_url=BASE, timeout=60) as c:
+            batches = lambda: c.get("/window/readyz").json()["generator"]["batches"]  # noqa: E731
+            c.post("/window/v1/answer", json=bodies[0])  # warm-up (first model calls)
+            lone = []
+            for body in bodies[:3]:
+                t0 = time.perf_counter()
+                assert c.post("/window/v1/answer", json=body).status_code == 200
+                lone.append(time.perf_counter() - t0)
+            before = batches()
+
+            async def together() -> list[int]:
+                async with httpx.AsyncClient(base_url=BASE, timeout=60) as ac:
+                    rs = await asyncio.gather(*(ac.post("/window/v1/answer", json=b) for b in bodies))
+                return [r.status_code for r in rs]
+
+            t0 = time.perf_counter()
+            statuses = asyncio.run(together())
+            four = time.perf_counter() - t0
+            shared = batches() - before
+        print(f"\n[batch window 3 s] lone requests {[round(x, 2) for x in lone]} s; four together {four:.2f} s in "
+              f"{shared} batch(es)")
+        assert max(lone) < 1.5, lone  # each would wait the whole 3 s window for company that is not coming
+        assert statuses == [200] * 4
+        assert shared <= 2, shared  # the first to arrive had others behind it: the batch waited for them
+    finally:
+        serve.delete("kard-window")
+
+
 # ------------------------------------------------------------------------------------------------
 # OpenAI-compatible chat completions and rerank, with the official `openai` client as the caller
 

@@ -183,7 +183,8 @@ class Generator:
                 seed=cfg.seed, device=device)
         self.lock = threading.Lock()  # a cancelled batch's thread may still be generating
         self.predict.set_max_batch_size(cfg.serve.max_batch_size)
-        self.predict.set_batch_wait_timeout_s(cfg.serve.batch_wait_timeout_s)
+        self.batch_wait_s = cfg.serve.batch_wait_timeout_s
+        self.predict.set_batch_wait_timeout_s(self.batch_wait_s)
         self.batches = 0
         self.batched_requests = 0
         log.info("Generator: student %s loaded in %.1fs", model_dir, time.time() - t0)
@@ -218,6 +219,15 @@ class Generator:
         self.batches += 1
         self.batched_requests += len(items)
         return out
+
+    async def predict_one(self, item: tuple, behind: int) -> dict:
+        """One prediction through the batch. `behind`: the other requests its Ingress replica still has in
+        retrieval or reranking. With none behind it, the batch this request opens closes at once instead of
+        holding `serve.batch_wait_timeout_s` for company that is not on its way (a lone user does not pay the
+        window). Serve reads the window when a batch opens, so each request sets it just before it queues: the
+        latest arrival's view decides the next batch, and a batch already open keeps its window."""
+        self.predict.set_batch_wait_timeout_s(self.batch_wait_s if behind > 0 else 0.0)
+        return await self.predict(item)
 
     def _predict_streaming(self, item: tuple, streamer) -> dict:
         """One prediction through `StudentGenerator.predict` with `streamer` handed to `model.generate`.
@@ -303,6 +313,7 @@ class Ingress:
         self.limits: Limits = settings["limits"]
         self.retry_after_s: float = settings.get("retry_after_s", 1.0)
         self.gate = Gate(self.retry_after_s)
+        self.upstream = 0  # /v1/answer requests of this replica in retrieval or reranking (the generator's batch window)
         self.metrics = RouteMetrics()
         if settings.get("admission") is not None:  # this application's capacity, for the HTTP proxies' gates
             from kard_ray.serve.proxy import publish_limits
@@ -376,10 +387,14 @@ class Ingress:
         """An AnswerResponse body; `usage` adds token counts (the chat completion's `usage`)."""
         deadline = time.monotonic() + self.limits.request_timeout_s
         timings: dict = {"rerank": None, "generate": None}
-        _, passages = await self._passages(req.question, req.options, req.k, req.candidates, deadline, timings)
+        self.upstream += 1  # this request is before the generator: a batch opened now may wait for it
+        try:
+            _, passages = await self._passages(req.question, req.options, req.k, req.candidates, deadline, timings)
+        finally:
+            self.upstream -= 1
         t0 = time.monotonic()
         item = (req.question, list(req.options), [_passage_text(p) for p in passages]) + ((True,) if usage else ())
-        pred = await self._call(self.generator.predict.remote(item), deadline, "generate")
+        pred = await self._call(self.generator.predict_one.remote(item, self.upstream), deadline, "generate")
         timings["generate"] = 1000 * (time.monotonic() - t0)
         body = self._answer_body(req, pred, passages, timings)
         return body
