@@ -8,9 +8,9 @@ Both sides answer the same StrategyQA test questions with the same objects the d
 (a tiny cross-encoder: top `k` = 1 of the candidates) and `evaluation.StudentGenerator` (a tiny T5,
 greedy, `--max-new-tokens`). The in-process side is the Ingress's logic without Ray: each request
 runs retrieve -> rerank -> generate, model calls in worker threads one at a time per component (the
-deployments' locks), and the generator batches concurrent requests exactly like the Generator's
-`@serve.batch` (`serve.max_batch_size`; the `serve.batch_wait_timeout_s` window held open only while other
-requests are in retrieval or reranking, `Generator.predict_one`). Clients are closed loops: `c` clients each
+deployments' locks), and the generator batches concurrent requests with the Generator's own batcher
+(`kard_ray.inference.batching.DynamicBatcher`: `serve.max_batch_size`; the `serve.batch_wait_timeout_s` window held
+open only while other requests are in retrieval or reranking). Clients are closed loops: `c` clients each
 send their next request when the last one returns (Serve: JSON over HTTP with httpx; in-process: a
 coroutine call). Thread budget: one torch thread per component on both sides.
 
@@ -31,54 +31,7 @@ import time
 
 import common
 
-
-class Batcher:
-    """`@serve.batch` semantics in plain asyncio (serve.batch itself needs a replica context): the
-    first waiting item opens a batch, which closes when full or its window later; one batch at a time.
-    The window is the Generator's (`predict_one`): `wait_s` when the submitting request has others behind
-    it, else none, read when a batch opens."""
-
-    def __init__(self, fn, max_batch_size: int, wait_s: float):
-        self.fn, self.max, self.wait_s, self.window_s = fn, max_batch_size, wait_s, wait_s
-        self.queue: asyncio.Queue | None = None
-        self.worker: asyncio.Task | None = None
-
-    async def submit(self, item, behind: int):
-        self.window_s = self.wait_s if behind > 0 else 0.0
-        if self.queue is None:
-            self.queue = asyncio.Queue()
-            self.worker = asyncio.create_task(self._run())
-        fut = asyncio.get_running_loop().create_future()
-        await self.queue.put((item, fut))
-        return await fut
-
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.window_s
-            while len(batch) < self.max:
-                left = deadline - loop.time()
-                if left <= 0:
-                    break
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
-            try:
-                results = await asyncio.to_thread(self.fn, [b[0] for b in batch])
-                for (_, fut), r in zip(batch, results):
-                    fut.set_result(r)
-            except Exception as e:  # every waiter sees the failure
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(e)
-
-    def close(self) -> None:
-        if self.worker is not None:
-            self.worker.cancel()
-            self.worker = None
-            self.queue = None
+from kard_ray.inference.batching import DynamicBatcher
 
 
 def _locked(lock: threading.Lock, fn, *a):
@@ -106,10 +59,11 @@ class InProcess:
         self.k, self.k_star = cfg.eval.k, cfg.reranker.k_star
         self.locks = [threading.Lock() for _ in range(3)]
         self.upstream = 0  # requests in retrieval or reranking, as the Ingress counts them
-        self.batcher = Batcher(self._predict, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
+        self.batcher = DynamicBatcher(self._predict, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
 
-    def _predict(self, items):
-        return self.student.predict([q for q, _, _ in items], [o for _, o, _ in items], [p for _, _, p in items])
+    async def _predict(self, items):
+        return await asyncio.to_thread(_locked, self.locks[2], self.student.predict, [q for q, _, _ in items],
+                                       [o for _, o, _ in items], [p for _, _, p in items])
 
     async def answer(self, question: str, options: list[str]) -> dict:
         from kard_ray.inference.formats import question_query
@@ -195,7 +149,7 @@ def hop_floor(rep, calls: int, idle_s: float = 0.1) -> dict:
         out = {"warm_ms": h.run.remote(calls, 0.0).result(), "idle_ms": h.run.remote(calls, idle_s).result()}
     finally:
         serve.delete("hop_floor")
-    rep.fig("Serve hop between trivial deployments: back to back / after 100 ms idle",
+    rep.fig(f"Serve hop between trivial deployments: back to back / after {idle_s * 1000:.0f} ms idle",
             f"{out['warm_ms']:.2f} / {out['idle_ms']:.2f}", "ms")
     rep.data["hop_floor_ms"] = out
     return out
@@ -322,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
         "serve.ingress.max_queued_requests=-1", *args.overrides])
     if args.overrides:
         rep.fig("config overrides", " ".join(args.overrides))
-    rep.fig("graph", "Retriever (BM25) -> Reranker (tiny cross-encoder) -> Generator (tiny T5, @serve.batch 8)")
+    rep.fig("graph", "Retriever (BM25) -> Reranker (tiny cross-encoder) -> Generator (tiny T5, dynamic batches of up to 8)")
     rep.fig("candidates / k / max new tokens", f"{args.candidates} / 1 / {args.max_new_tokens}")
     rep.fig("replicas", "1 each, num_cpus 0.25 (serve defaults)")
 

@@ -151,3 +151,93 @@ def test_wilson_interval_holds_a_perfect_or_zero_score_and_the_chart_draws_it(n)
     methods = {m: {"accuracy": a, "ci95": list(wilson_interval(round(a * n), n))}
                for m, a in (("ft", 0.0), ("kard_reranker", 1.0))}
     assert bar_chart({"methods": methods})[:4] == b"\x89PNG"
+
+
+# ------------------------------------------------------------------------------------------------
+# the generator's dynamic batching (kard_ray.inference.batching): what the Serve Generator and the bench batch with
+def _batcher_run(scenario, max_batch_size: int = 4, wait_s: float = 0.2, gen_s: float = 0.1):
+    """Runs `scenario(batcher)` against a batcher whose generate() takes `gen_s`; returns (its result, batches)."""
+    import asyncio
+
+    from kard_ray.inference.batching import DynamicBatcher
+
+    batches: list[list] = []
+
+    async def generate(items):
+        batches.append(list(items))
+        await asyncio.sleep(gen_s)
+        if "boom" in items:
+            raise ValueError("bad item")
+        return [f"out:{it}" for it in items]
+
+    async def main():
+        b = DynamicBatcher(generate, max_batch_size, wait_s)
+        try:
+            return await scenario(b)
+        finally:
+            b.close()
+
+    return asyncio.run(main()), batches
+
+
+def test_batcher_a_lone_request_does_not_wait_and_company_on_its_way_shares_a_batch():
+    import asyncio
+    import time
+
+    async def lone(b):
+        t0 = time.perf_counter()
+        out = await b.submit("a", behind=0)
+        return out, time.perf_counter() - t0
+
+    (out, took), batches = _batcher_run(lone, wait_s=2.0)
+    assert out == "out:a" and batches == [["a"]]
+    assert took < 0.5  # not the 2 s window: nothing was on its way
+
+    async def staggered(b):  # the first says two more are coming; they arrive 50 ms apart
+        async def later(item, delay, behind):
+            await asyncio.sleep(delay)
+            return await b.submit(item, behind)
+        return await asyncio.gather(later("a", 0, 2), later("b", 0.05, 1), later("c", 0.1, 0))
+
+    outs, batches = _batcher_run(staggered, wait_s=2.0)
+    assert outs == ["out:a", "out:b", "out:c"]
+    assert batches == [["a", "b", "c"]]  # the last one, with none behind it, closed the batch before the 2 s
+
+
+def test_batcher_forms_the_next_batch_when_the_generator_is_free_not_before():
+    """What @serve.batch does not do: items arriving while a batch generates all join the next batch."""
+    import asyncio
+
+    async def busy(b):
+        first = asyncio.ensure_future(b.submit("a", 0))
+        await asyncio.sleep(0.02)  # "a" is generating (0.3 s)
+        rest = []
+        for i, item in enumerate("bcdef"):  # arrive 40 ms apart during that generation, each with more behind
+            rest.append(asyncio.ensure_future(b.submit(item, 1)))
+            await asyncio.sleep(0.04)
+        return await asyncio.gather(first, *rest)
+
+    outs, batches = _batcher_run(busy, max_batch_size=4, wait_s=0.05, gen_s=0.3)
+    assert outs == [f"out:{x}" for x in "abcdef"]
+    assert batches == [["a"], ["b", "c", "d", "e"], ["f"]]  # full at 4; not b alone then c..f split by windows
+
+
+def test_batcher_fails_every_caller_of_a_failed_batch_drops_cancelled_ones_and_keeps_serving():
+    import asyncio
+
+    async def scenario(b):
+        blocker = asyncio.ensure_future(b.submit("x", 0))
+        await asyncio.sleep(0.01)
+        doomed = asyncio.ensure_future(b.submit("gone", 1))  # queued behind "x", then its caller leaves
+        together = [asyncio.ensure_future(b.submit(i, 1)) for i in ("ok", "boom")]
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        results = await asyncio.gather(blocker, *together, return_exceptions=True)
+        after = await b.submit("after", 0)  # the loop survived the failed batch
+        return results, after
+
+    (results, after), batches = _batcher_run(scenario, wait_s=0.0)
+    assert results[0] == "out:x"
+    assert all(isinstance(r, ValueError) for r in results[1:]), results  # both callers of the failed batch
+    assert after == "out:after"
+    assert ["gone"] not in batches and not any("gone" in bt for bt in batches), batches

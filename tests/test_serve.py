@@ -99,6 +99,26 @@ def _ingress_only_app(name: str, route_prefix: str, method: str, max_ongoing: in
     serve.run(Ingress.options(**opts).bind(*handles, settings), name=name, route_prefix=route_prefix)
 
 
+def _app_with_own_generator(tiny_run: str, overrides: list[str], name: str, route_prefix: str):
+    """A second app whose Ingress reuses the main app's Retriever and Reranker but deploys its own Generator,
+    built from the tiny run's config with `overrides` (batching, autoscaling); returns that config."""
+    from ray import serve
+
+    from kard_ray.serve import APP_NAME, deployment_options, load_run_config
+    from kard_ray.serve.api import Limits
+    from kard_ray.serve.deployments import Generator, Ingress
+
+    cfg = load_run_config(tiny_run, overrides)
+    handles = [serve.get_deployment_handle(n, app_name=APP_NAME) for n in ("Retriever", "Reranker")]
+    settings = {"method": "kard_reranker", "k": cfg.eval.k, "k_star": cfg.reranker.k_star,
+                "limits": Limits.from_config(cfg.serve), "retry_after_s": 1.0}
+    gen = Generator.options(**deployment_options(cfg, "kard_reranker")["Generator"]).bind(
+        io.RunDir(tiny_run).model("student_kard"), cfg)
+    serve.run(Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
+              .bind(*handles, gen, settings), name=name, route_prefix=route_prefix)
+    return cfg
+
+
 def _check_schema(body: dict, options: list[str]) -> None:
     assert set(body) == {"answer_index", "answer_letter", "answer_text", "rationale", "generation", "method",
                          "passages", "timings_ms"}
@@ -316,7 +336,7 @@ def test_bounded_concurrent_load_has_no_5xx(tiny_run, served, client):
     assert len(statuses) == n
     assert not [s for s in statuses if s >= 500], refusals[:3]
     assert all(s == 200 for s in statuses)
-    assert batches < n  # concurrent requests shared generate() calls (@serve.batch)
+    assert batches < n  # concurrent requests shared generate() calls (the Generator's batcher)
 
 
 def test_a_lone_request_does_not_wait_for_the_batch_window_but_concurrent_ones_share_a_batch(tiny_run, served):
@@ -326,18 +346,8 @@ def test_a_lone_request_does_not_wait_for_the_batch_window_but_concurrent_ones_s
     import httpx
     from ray import serve
 
-    from kard_ray.serve import APP_NAME, deployment_options, load_run_config
-    from kard_ray.serve.api import Limits
-    from kard_ray.serve.deployments import Generator, Ingress
-
-    cfg = load_run_config(tiny_run, ["serve.batch_wait_timeout_s=3", "serve.max_batch_size=4"])
-    handles = [serve.get_deployment_handle(n, app_name=APP_NAME) for n in ("Retriever", "Reranker")]
-    settings = {"method": "kard_reranker", "k": cfg.eval.k, "k_star": cfg.reranker.k_star,
-                "limits": Limits.from_config(cfg.serve), "retry_after_s": 1.0}
-    gen = Generator.options(**deployment_options(cfg, "kard_reranker")["Generator"]).bind(
-        io.RunDir(tiny_run).model("student_kard"), cfg)
-    serve.run(Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
-              .bind(*handles, gen, settings), name="kard-window", route_prefix="/window")
+    _app_with_own_generator(tiny_run, ["serve.batch_wait_timeout_s=3", "serve.max_batch_size=4"], "kard-window",
+                            "/window")
     try:
         questions = _test_questions(tiny_run)
         bodies = [{"question": q["question"], "options": list(q["options"])} for q in questions[:4]]
@@ -611,22 +621,14 @@ def test_generator_autoscales_up_under_load_and_back_down_without_failures(tiny_
     import httpx
     from ray import serve
 
-    from kard_ray.serve import APP_NAME, deployment_options, load_run_config
-    from kard_ray.serve.api import Limits
-    from kard_ray.serve.deployments import Generator, Ingress
+    from kard_ray.serve import deployment_options
 
-    cfg = load_run_config(tiny_run, ["serve.generator.max_replicas=3", "serve.generator.target_ongoing_requests=2",
-                                     "serve.generator.upscale_delay_s=1", "serve.generator.downscale_delay_s=4",
-                                     "serve.generator.metrics_interval_s=0.5", "serve.generator.look_back_period_s=2",
-                                     "serve.generator.max_queued_requests=32", "serve.max_batch_size=2"])
-    opts = deployment_options(cfg, "kard_reranker")["Generator"]
-    assert opts["autoscaling_config"]["max_replicas"] == 3
-    handles = [serve.get_deployment_handle(n, app_name=APP_NAME) for n in ("Retriever", "Reranker")]
-    settings = {"method": "kard_reranker", "k": cfg.eval.k, "k_star": cfg.reranker.k_star,
-                "limits": Limits.from_config(cfg.serve), "retry_after_s": 1.0}
-    gen = Generator.options(**opts).bind(io.RunDir(tiny_run).model("student_kard"), cfg)
-    serve.run(Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64)
-              .bind(*handles, gen, settings), name="kard-scale", route_prefix="/scale")
+    cfg = _app_with_own_generator(
+        tiny_run, ["serve.generator.max_replicas=3", "serve.generator.target_ongoing_requests=2",
+                   "serve.generator.upscale_delay_s=1", "serve.generator.downscale_delay_s=4",
+                   "serve.generator.metrics_interval_s=0.5", "serve.generator.look_back_period_s=2",
+                   "serve.generator.max_queued_requests=32", "serve.max_batch_size=2"], "kard-scale", "/scale")
+    assert deployment_options(cfg, "kard_reranker")["Generator"]["autoscaling_config"]["max_replicas"] == 3
     assert _replicas("kard-scale", "Generator") == 1
     questions = _test_questions(tiny_run)
     statuses: list[int] = []

@@ -1,6 +1,6 @@
 """Ray Serve: the distilled student as an HTTP service.
 
-    Ingress (FastAPI) ──► Retriever (BM25/dense/hybrid) ──► Reranker ──► Generator (student, @serve.batch)
+    Ingress (FastAPI) ──► Retriever (BM25/dense/hybrid) ──► Reranker ──► Generator (student, dynamic batching)
 
     serve run kard_ray.serve:build_app run_dir=runs/demo
     serve deploy configs/serve.yaml

@@ -6,7 +6,7 @@ greedy decoding, a served answer equals the evaluation stage's prediction for th
 
 Blocking model work runs in a worker thread (`asyncio.to_thread`) so a replica's event loop keeps
 answering health checks and filling the next batch while the model runs. One model call at a time
-per replica (a lock, or @serve.batch's single in-flight batch): a fast tokenizer shared by two
+per replica (a lock, or the batcher's single in-flight batch): a fast tokenizer shared by two
 threads fails with "Already borrowed" (huggingface/tokenizers#537), and a fractional-CPU replica
 gains nothing from running two calls at once; more throughput comes from more replicas.
 """
@@ -24,6 +24,7 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from kard_ray.config import KardConfig
+from kard_ray.inference.batching import DynamicBatcher
 from kard_ray.inference.formats import question_query, top_k
 from kard_ray.methods import METHODS
 from kard_ray.inference.formats import generation_rationale
@@ -182,11 +183,8 @@ class Generator:
                 temperature=e.temperature, max_source_length=cfg.student.max_source_length, score_by=e.score_by,
                 seed=cfg.seed, device=device)
         self.lock = threading.Lock()  # a cancelled batch's thread may still be generating
-        self.predict.set_max_batch_size(cfg.serve.max_batch_size)
-        self.batch_wait_s = cfg.serve.batch_wait_timeout_s
-        self.predict.set_batch_wait_timeout_s(self.batch_wait_s)
-        self.batches = 0
-        self.batched_requests = 0
+        self.batcher = DynamicBatcher(self._generate, cfg.serve.max_batch_size, cfg.serve.batch_wait_timeout_s)
+        self.streamed = 0  # /v1/chat/completions streams: one generate() each, outside the batcher
         log.info("Generator: student %s loaded in %.1fs", model_dir, time.time() - t0)
 
     def _usage(self, question: str, options: list[str], passages: list[str], generation: str, truncated: bool) -> dict:
@@ -209,25 +207,18 @@ class Generator:
             out.append(row)
         return out
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def predict(self, items: list[tuple]) -> list[dict]:
+    async def _generate(self, items: list[tuple]) -> list[dict]:
         """items: (question, options, passage strings[, usage]) -> {generation, pred_index[, usage]}, one per item."""
         if self.vllm is not None:
-            out = await self.vllm.predict_items(items)
-        else:
-            out = await asyncio.to_thread(_locked, self.lock, self._predict_items, items)
-        self.batches += 1
-        self.batched_requests += len(items)
-        return out
+            return await self.vllm.predict_items(items)
+        return await asyncio.to_thread(_locked, self.lock, self._predict_items, items)
 
     async def predict_one(self, item: tuple, behind: int) -> dict:
-        """One prediction through the batch. `behind`: the other requests its Ingress replica still has in
-        retrieval or reranking. With none behind it, the batch this request opens closes at once instead of
-        holding `serve.batch_wait_timeout_s` for company that is not on its way (a lone user does not pay the
-        window). Serve reads the window when a batch opens, so each request sets it just before it queues: the
-        latest arrival's view decides the next batch, and a batch already open keeps its window."""
-        self.predict.set_batch_wait_timeout_s(self.batch_wait_s if behind > 0 else 0.0)
-        return await self.predict(item)
+        """One prediction through the batcher (`kard_ray.inference.batching`). `behind`: the other requests its
+        Ingress replica still has in retrieval or reranking. With none behind it, the batch this request is in
+        closes at once instead of holding `serve.batch_wait_timeout_s` for company that is not on its way (a lone
+        user does not pay the window); a batch formed while the generator was busy goes at once."""
+        return await self.batcher.submit(item, behind)
 
     def _predict_streaming(self, item: tuple, streamer) -> dict:
         """One prediction through `StudentGenerator.predict` with `streamer` handed to `model.generate`.
@@ -250,8 +241,7 @@ class Generator:
         if self.vllm is not None:
             async for ev in self.vllm.stream(question, list(options), list(passages)):
                 yield ev
-            self.batches += 1
-            self.batched_requests += 1
+            self.streamed += 1
             return
         if self.student.n_votes > 1:  # the answer is a vote over several samples: nothing to stream token by token
             row = (await asyncio.to_thread(_locked, self.lock, self._predict_items, [item]))[0]
@@ -281,12 +271,12 @@ class Generator:
                     yield {"text": piece}
             yield {"answer": await done}
         finally:
-            self.batches += 1
-            self.batched_requests += 1
+            self.streamed += 1
 
     async def info(self) -> dict:
-        return {"student": self.model_dir, "batches": self.batches,
-                "mean_batch_size": round(self.batched_requests / self.batches, 2) if self.batches else None}
+        batches, items = self.batcher.batches + self.streamed, self.batcher.items + self.streamed
+        return {"student": self.model_dir, "batches": batches,
+                "mean_batch_size": round(items / batches, 2) if batches else None}
 
     async def check_health(self) -> None:
         if self.vllm is None and self.student.model is None:  # pragma: no cover - defensive
