@@ -8,9 +8,10 @@ when the generator is free: everything that queued while it was busy goes into t
 
 `behind` (with each item): how many other requests the caller has still in retrieval or reranking, on their way
 here. An item with none behind it closes the batch it is in at once (a lone user never waits for company); with some
-behind it, the batch waits at most `wait_s` from when it opened for them to arrive, or until it is full. The latest
-arrival's count decides. The window runs from the first waiting item's arrival, so under load, where items queue
-while a batch generates, the next batch goes at once with everything that queued. The Serve Generator and the in-process side of bench/bench_serve.py both batch with this.
+behind it, the batch waits for them at most `wait_s` from the first waiting item's arrival, or until it is full. The
+latest arrival's count decides. Under load, where items queue while a batch generates, the next batch therefore goes
+at once with everything that queued. The Serve Generator and the in-process side of bench/bench_serve.py both batch
+with this.
 """
 
 from __future__ import annotations
