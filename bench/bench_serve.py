@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import statistics
 import threading
 import time
 
@@ -156,7 +157,7 @@ def hop_floor(rep, calls: int, idle_s: float = 0.1) -> dict:
 
 
 # (concurrency, requests): the table, but c=8 with 480 requests instead of 160, so that the level the
-# overload ratios divide by is measured over ~15 s like c=128, not ~5 s: its 200s/s moved 21.5-36.7 over twelve runs
+# overload ratios divide by is measured over ~13 s like c=128, not ~5 s: its 200s/s moved 21.5-36.7 over twelve runs
 # on 2026-12-07 with 160
 LOAD_LEVELS = ((1, 100), (8, 480), (32, 640), (128, 2560))
 
@@ -210,9 +211,7 @@ def load_table(rep, run_dir: str, levels=LOAD_LEVELS, overrides=(), pairs: int =
             flood.result()
     finally:
         serve.shutdown()
-    import statistics
-
-    med = lambda xs: statistics.median(xs)  # noqa: E731
+    med = statistics.median
     checks = {
         "throughput_ratio": med([o.ok_rps for _, o in runs]) / med([p.ok_rps for p, _ in runs]),
         "p99_ratio": med([o.ok_pct(99) for _, o in runs]) / med([p.ok_pct(99) for p, _ in runs]),
