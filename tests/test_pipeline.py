@@ -297,7 +297,11 @@ def test_strategyqa_smoke_config_runs_on_real_data(ray_session, shared_data, tmp
     cfg = load_config(str(REPO / "configs/strategyqa_smoke.yaml"), [
         f"run_dir={tmp_path}", f"data.train_path={d / 'train.jsonl'}", f"data.test_path={d / 'test.jsonl'}",
         f"knowledge.corpus_paths=[{d / 'wiki_passages.jsonl.gz'}]", f"teacher.import_path={d / 'teacher_gpt35_responses.jsonl.gz'}",
-        "tracking.mlflow=true", "tracking.experiment=kard-smoke"])
+        "tracking.mlflow=true", "tracking.experiment=kard-smoke",
+        # The three models (10-20 steps each) train in this process, Ray Train's local mode: a worker group costs
+        # ~20 s to start and stop here, three of them more than the training. The worker path is test_training_ray's,
+        # test_retrain's and test_distributed's.
+        "student.num_workers=0", "reranker.num_workers=0"])
     manifest = pipeline.run(cfg)
     st = manifest["stages"]
     assert st["questions"]["counts"]["train_questions"] == 100 and st["questions"]["counts"]["test_questions"] == 50
