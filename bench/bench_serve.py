@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
         "serve.ingress.max_queued_requests=-1", *args.overrides])
     if args.overrides:
         rep.fig("config overrides", " ".join(args.overrides))
-    rep.fig("graph", "Retriever (BM25) -> Reranker (tiny cross-encoder) -> Generator (tiny T5, dynamic batches of up to 8)")
+    rep.fig("graph", "Retriever (BM25) -> Reranker (tiny cross-encoder) -> Generator (tiny T5, dynamic batches of up "
+                     f"to {cfg.serve.max_batch_size})")
     rep.fig("candidates / k / max new tokens", f"{args.candidates} / 1 / {args.max_new_tokens}")
     rep.fig("replicas", "1 each, num_cpus 0.25 (serve defaults)")
 

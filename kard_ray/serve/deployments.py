@@ -25,9 +25,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from kard_ray.config import KardConfig
 from kard_ray.inference.batching import DynamicBatcher
-from kard_ray.inference.formats import question_query, top_k
+from kard_ray.inference.formats import generation_rationale, question_query, top_k
 from kard_ray.methods import METHODS
-from kard_ray.inference.formats import generation_rationale
 from kard_ray.serve.api import Limits, answer_fields
 from kard_ray.serve.http import Gate, Overloaded, RequestTimeout, ServiceError, build_api, request_id
 
